@@ -5,6 +5,8 @@ import pytest
 from tests.gradient_check import check_gradient, make_layer
 from vggcaffe.errors import VggcaffeError
 from vggcaffe.layers import V1_TYPE_NAMES
+from vggcaffe import threads
+from vggcaffe.blob import is_channels_last
 from vggcaffe.layers import convolution
 
 
@@ -107,8 +109,8 @@ def test_parallel_channel_blocks_match_serial(name, monkeypatch):
     dy = None
     results = []
     for workers, threshold in ((1, 1 << 60), (3, 0)):
-        monkeypatch.setattr(convolution, "WORKERS", workers)
-        monkeypatch.setattr(convolution, "MIN_PARALLEL_ELEMENTS", threshold)
+        monkeypatch.setattr(threads, "WORKERS", workers)
+        monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", threshold)
         layer, bottom, top = make_layer(conv_text(params), [x])
         layer.forward(bottom, top)
         dy = np.random.default_rng(4).standard_normal(top[0].shape) if dy is None else dy
@@ -218,7 +220,7 @@ def layout(request, monkeypatch):
 @pytest.mark.parametrize("name", NHWC_CASES)
 def test_both_layouts_forward_match_reference(name, dtype, layout):
     layer, y, ref = run_forward(name, dtype)
-    assert layer.nhwc == layout and layer.keep_cols == layout
+    assert layer.nhwc == layout and layer.keep_cols
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(y, ref, rtol=tol, atol=tol)
 
@@ -229,8 +231,39 @@ def test_both_layouts_gradient(name, keep_cols, layout, monkeypatch):
     monkeypatch.setattr(convolution, "MAX_CACHED_COLS_BYTES", 1 << 30 if keep_cols else 0)
     params, shape, *_ = CASES[name]
     layer, bottom, top = make_layer(conv_text(params), [np.random.default_rng(1).standard_normal(shape)])
-    assert layer.nhwc == layout and layer.keep_cols == (layout and keep_cols)
+    assert layer.nhwc == layout and layer.keep_cols == keep_cols
     check_gradient(layer, bottom, top)
+
+
+@pytest.mark.parametrize("name", NHWC_CASES)
+@pytest.mark.parametrize("fused_relu", [False, True], ids=["conv", "conv+relu"])
+def test_channels_last_blobs_and_fused_relu(name, fused_relu, layout):
+    """Bottom and top channels-last (as vggcaffe.cpu.prepare_net makes them), with and
+    without the folded ReLU: the plain layer's output (through a ReLU), and gradients."""
+    params, shape, *_ = CASES[name]
+    x = np.random.default_rng(5).standard_normal(shape)
+    plain, plain_bottom, plain_top = make_layer(conv_text(params), [x])
+    plain.forward(plain_bottom, plain_top)
+    layer, bottom, top = make_layer(conv_text(params), [x])
+    layer.channels_last, layer.fused_relu = True, fused_relu
+    bottom[0].make_channels_last()
+    bottom[0].data[...] = x
+    layer.reshape(bottom, top)
+    assert is_channels_last(top[0].data) and is_channels_last(top[0].diff)
+    layer.forward(bottom, top)
+    ref = np.maximum(plain_top[0].data, 0) if fused_relu else plain_top[0].data
+    np.testing.assert_allclose(top[0].data, ref, rtol=1e-12, atol=1e-12)
+    check_gradient(layer, bottom, top)
+
+
+def test_transposed_data_gradient_applies_to_stride_1_from_4x4_maps(monkeypatch):
+    assert run_forward("3x3 pad 1", np.float64)[0].transposed_pad is None          # NCHW layout
+    monkeypatch.setattr(convolution, "FORCE_NHWC", True)
+    for name, expected in (("3x3 pad 1", (1, 1)), ("dilation 2", (2, 2)), ("stride 2", None),
+                           ("dilation 2 wide (flat windows)", None), ("two values", None)):
+        params, shape, *_ = CASES[name]
+        layer, _, _ = make_layer(conv_text(params), [np.zeros(shape)])
+        assert layer.transposed_pad == expected, name
 
 
 def test_nhwc_without_bias_and_in_slices(monkeypatch):
@@ -249,8 +282,8 @@ def test_nhwc_does_not_apply_to_groups_or_1x1(monkeypatch):
 
 
 def test_rule_picks_nhwc_for_many_channels_on_small_maps():
-    assert convolution.use_nhwc(256, 4) and convolution.use_nhwc(512, 14)
-    assert not convolution.use_nhwc(3, 8) and not convolution.use_nhwc(32, 16) and not convolution.use_nhwc(64, 112)
+    assert convolution.use_nhwc(256, 4) and convolution.use_nhwc(512, 14) and convolution.use_nhwc(32, 16)
+    assert not convolution.use_nhwc(3, 8) and not convolution.use_nhwc(16, 8) and not convolution.use_nhwc(64, 112)
 
 
 def backward_grads(layer, bottom, top, dy):
@@ -277,7 +310,7 @@ def test_kept_cols_follow_the_last_forward(layout):
     assert got[1].any()
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
-    assert layer.keep_cols == layout
+    assert layer.keep_cols
 
 
 def test_kept_cols_are_per_bottom(layout):
@@ -285,7 +318,7 @@ def test_kept_cols_are_per_bottom(layout):
     rng = np.random.default_rng(11)
     xs = [rng.standard_normal(shape), rng.standard_normal(shape)]
     layer, bottom, top = make_layer(conv_text(params), xs, n_tops=2)
-    assert layer.keep_cols == layout
+    assert layer.keep_cols
     dy = rng.standard_normal(top[0].shape)
     layer.forward(bottom, top)
     both = backward_grads(layer, bottom, top, dy)

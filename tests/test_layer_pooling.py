@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from tests.gradient_check import check_gradient, make_layer
+from vggcaffe import threads
+from vggcaffe.blob import is_channels_last
 from vggcaffe.errors import VggcaffeError
 
 
@@ -173,3 +175,25 @@ def test_in_place_is_an_error():
     layer, bottom, _ = make_layer(param_text("MAX", 2, 2, 2, 2, 0, 0), [np.zeros((1, 1, 4, 4))])
     with pytest.raises(VggcaffeError, match="in place"):
         layer.reshape(bottom, bottom)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_max_on_channels_last_blobs_in_parallel_blocks(case, monkeypatch):
+    monkeypatch.setattr(threads, "WORKERS", 2)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_ELEMENTS", 0)
+    H, W, kh, kw, sh, sw, ph, pw, ceil_mode = case
+    x = np.random.default_rng(4).integers(0, 3, (3, 4, H, W)).astype(np.float64)   # many ties
+    layer, bottom, top = make_layer(param_text("MAX", kh, kw, sh, sw, ph, pw, ceil_mode), [x])
+    layer.channels_last = True
+    bottom[0].make_channels_last()
+    bottom[0].data[...] = x
+    layer.reshape(bottom, top)
+    assert is_channels_last(top[0].data) and is_channels_last(bottom[0].diff)
+    layer.forward(bottom, top)
+    y, mask = ref_pool(x, kh, kw, sh, sw, ph, pw, "MAX", ceil_mode)
+    np.testing.assert_array_equal(top[0].data, y)
+    dy = np.random.default_rng(5).standard_normal(top[0].shape)
+    top[0].diff[...] = dy
+    bottom[0].diff[...] = np.nan                              # backward must overwrite
+    layer.backward(top, [True], bottom)
+    np.testing.assert_allclose(bottom[0].diff, ref_max_backward(x.shape, mask, dy), rtol=1e-14)

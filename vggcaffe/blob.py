@@ -1,4 +1,9 @@
-"""Blob: a data array and its gradient (diff), with Caffe's logical NCHW shape."""
+"""Blob: a data array and its gradient (diff), with Caffe's logical NCHW shape.
+
+A 4-D blob's arrays may be channels-last: (N, C, H, W)-shaped views of NHWC
+memory, which convolutions and pools that work in NHWC read and write without
+transposing (`Blob.make_channels_last`, set up by the layers that produce them).
+"""
 import numpy as np
 
 from . import backend
@@ -54,6 +59,13 @@ class Blob:
             self.data = self._xp.zeros(shape, self.dtype)
             self.diff = self._xp.zeros_like(self.data)
 
+    def make_channels_last(self):
+        """Give data and diff NHWC memory (same shape, zeroed) unless they have it."""
+        if not is_channels_last(self.data):
+            n, c, h, w = self.shape
+            self.data = self._xp.zeros((n, h, w, c), self.dtype).transpose(0, 3, 1, 2)
+            self.diff = self._xp.zeros_like(self.data)
+
     def share_data(self, other):
         """Use `other`'s data array (same memory)."""
         self.data = other.data
@@ -63,3 +75,12 @@ class Blob:
 
     def __repr__(self):
         return f"Blob(shape={self.shape}, dtype={self.dtype})"
+
+
+def is_channels_last(a):
+    """a (N, C, H, W) is an NHWC-strided view of contiguous memory."""
+    if a.ndim != 4:
+        return False
+    n, c, h, w = a.shape
+    item = a.itemsize
+    return a.strides == (c * h * w * item, item, c * w * item, c * item) or (c == 1 and a.flags.c_contiguous)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from . import backend, cpu
 from .errors import VggcaffeError
 from .log import log, progress
 from .net import Net
 from .prototxt import read_solver
 from .snapshot import restore_state, write_snapshot
+from .threads import over_items
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "plateau")
 
@@ -105,6 +106,9 @@ class SGDSolver:
         if backend.gpu_mode():
             from .gpu import setup_solver
             self._gpu_update = setup_solver(self)
+        else:
+            for net in [self.net] + self.test_nets:
+                cpu.prepare_net(net)
         self.iter, self.current_step = 0, 0
         self.plateau = Plateau(p.plateau_patience, p.plateau_max_reductions, p.plateau_threshold)
         self.losses = deque(maxlen=max(1, p.average_loss))
@@ -160,18 +164,22 @@ class SGDSolver:
                              [p.weight_decay * m for m in self.net.decay_mults], p.momentum,
                              max(1, p.iter_size), p.regularization_type == "L1")
             return
-        for blob, hist, lr_mult, decay_mult in zip(params, self.history, self.net.lr_mults,
-                                                   self.net.decay_mults):
-            diff = blob.diff
-            if p.iter_size > 1:
-                diff /= p.iter_size
-            decay = p.weight_decay * decay_mult
-            if decay:
-                xp = backend.array_module(blob.data)
-                diff += decay * (blob.data if p.regularization_type == "L2" else xp.sign(blob.data))
-            hist *= p.momentum
-            hist += (rate * lr_mult) * diff
-            blob.data -= hist
+        updates = list(zip(params, self.history, self.net.lr_mults, self.net.decay_mults))
+
+        def update(i0, i1):
+            for blob, hist, lr_mult, decay_mult in updates[i0:i1]:
+                diff = blob.diff
+                if p.iter_size > 1:
+                    diff /= p.iter_size
+                decay = p.weight_decay * decay_mult
+                if decay:
+                    xp = backend.array_module(blob.data)
+                    diff += decay * (blob.data if p.regularization_type == "L2" else xp.sign(blob.data))
+                hist *= p.momentum
+                hist += (rate * lr_mult) * diff
+                blob.data -= hist
+        xp = backend.array_module(params[0].data) if params else np
+        over_items(xp, update, [b.count for b in params])
 
     def step(self, iters):
         """Run `iters` iterations (tests, display and snapshots as configured)."""

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, cpu
 from .log import log
 from .net import Net
 from .proto import caffe_pb2
@@ -124,8 +124,10 @@ def run_time(model, iterations=50, batch=None, phase="TRAIN", precision=None):
         from . import gpu
         gpu.set_precision(precision or "fp32")
         gpu.prepare_net(net)
-    elif precision not in (None, "fp32"):
-        log(f"precision {precision} applies on the GPU only; the CPU computes in float32")
+    else:
+        if precision not in (None, "fp32"):
+            log(f"precision {precision} applies on the GPU only; the CPU computes in float32")
+        cpu.prepare_net(net)
     fill_inputs(net)
     batch_size = next((t[0].shape[0] for layer, t in zip(net.layers, net._tops) if layer.type == "Input"), 1)
     log("*** Benchmark begins ***")

@@ -7,27 +7,13 @@ convolution and pooling tops channels-last where all their consumers accept
 any strides; `setup_solver(solver)` applies the solver's precision, prepares its
 nets, and returns the fused SGD update.
 """
-from ..layers.base import Layer
+from ..layers.relu import consumers, fold_relu
 from . import cudnn_conv, pooling
 from .kernels import FusedSGD
 from .precision import PRECISIONS, get_precision, set_precision  # noqa: F401
 
 # Layers whose forward and backward accept NHWC-strided (N, C, H, W) bottoms.
 LAYOUT_FREE = ("ReLU", "Pooling", "LRN", "Dropout")
-
-
-class FusedReLU(Layer):
-    """An in-place ReLU folded into the convolution before it: its work runs there."""
-    type = "ReLU"
-
-    def __init__(self, relu):
-        super().__init__(relu.param, phase=relu.phase, dtype=relu.dtype, rng=relu.rng)
-
-    def reshape(self, bottom, top):
-        pass
-
-    def forward(self, bottom, top):
-        pass
 
 
 def _accepts_any_layout(layer, x):
@@ -45,14 +31,11 @@ def prepare_net(net):
         conv = layer.type == "Convolution" and len(top) == 1 and cudnn_conv.applies(layer, bottom[0].data)
         if not (conv or isinstance(layer, pooling.MaxPoolGPU)):
             continue
-        users = [j for j in range(i + 1, len(net.layers)) if any(b is top[0] for b in net._bottoms[j])]
+        users = consumers(net, i)
         layer.channels_last = bool(users) and all(
             _accepts_any_layout(net.layers[j], top[0].data) for j in users)
-        relu = net.layers[users[0]] if users else None
-        if (conv and relu is not None and relu.type == "ReLU" and not isinstance(relu, FusedReLU)
-                and net._tops[users[0]][0] is top[0] and relu.negative_slope == 0):
-            layer.fused_relu = True
-            net.layers[users[0]] = net.layer_dict[relu.name] = FusedReLU(relu)
+        if conv:
+            fold_relu(net, i, users)
         layer.reshape(bottom, top)
     return net
 

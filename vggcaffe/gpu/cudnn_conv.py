@@ -29,6 +29,8 @@ import time
 import cupy
 import numpy as np
 
+from ..blob import is_channels_last  # noqa: F401 (used as cudnn_conv.is_channels_last)
+
 try:
     import cudnn
 except ImportError:        # the frontend is optional; conv then runs as im2col + cuBLAS
@@ -78,13 +80,6 @@ def release():
     """Free the shared scratch buffers (the cached graphs stay)."""
     for state in _devices.values():
         state["scratch"].clear()
-
-
-def is_channels_last(a):
-    """a (N, C, H, W) is an NHWC-strided view of contiguous memory."""
-    n, c, h, w = a.shape
-    item = a.itemsize
-    return a.strides == (c * h * w * item, item, c * w * item, c * item) or (c == 1 and a.flags.c_contiguous)
 
 
 def empty_channels_last(shape, dtype=np.float32):

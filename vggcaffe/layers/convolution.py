@@ -16,16 +16,24 @@ A 1×1, stride-1, unpadded convolution needs no patches: Y(N, Cout, P) = W @ X(N
 
 Channels last (NHWC; one group, not 1×1; faster for many channels on small
 maps): X is padded into (N, Hp, Wp, C) and the patches are (N, Ho, Wo, kh, kw, C),
-so every copy moves runs of C contiguous values:
-    forward       Y(N·Ho·Wo, Cout)  = cols(N·Ho·Wo, kh·kw·C) @ W'ᵀ, then to NCHW + bias
+so every copy moves runs of kw·C contiguous values:
+    forward       Y(N·Ho·Wo, Cout)  = cols(N·Ho·Wo, kh·kw·C) @ W'ᵀ, + bias
     weight grad   dW'(Cout, kh·kw·C) = dYᵀ @ cols
     data grad     dcols             = dY(N·Ho·Wo, Cout) @ W', then col2im (slice-adds per kernel offset)
 W' (Cout, kh·kw·C) is W reordered to (Cout, kh, kw, C) on every call (the weights change).
+Bottoms and tops may be channels-last blobs (vggcaffe.blob); `channels_last`
+(set by vggcaffe.cpu.prepare_net when every consumer accepts it) makes the
+tops so: the GEMM then writes Y straight into the top and reads dY from it,
+with no transposes. Otherwise Y and dY go through NCHW copies.
+
+`fused_relu` (also set by prepare_net) folds the in-place ReLU after the layer
+into it: forward writes max(Y + b, 0), backward first does the ReLU's own
+in-place dY *= (Y > 0).
 
 Patch matrices live in a scratch buffer shared by all convolutions of a
 thread, so memory stays one layer's worth, and at most MAX_COLS_BYTES: a batch
 whose patch matrix would be larger goes through in slices of images. The
-backward rebuilds them, except on the NHWC path when a layer's whole batch of
+backward rebuilds them, except on NumPy when a layer's whole batch of
 patches fits MAX_CACHED_COLS_BYTES: then the forward writes them into a buffer
 of the layer, one per bottom, that the backward reads (valid from a forward
 until the next reshape or forward; the bottom's data must not change between
@@ -33,35 +41,35 @@ forward and backward, as in Caffe). On NumPy the copies run over blocks of
 channels or images on all CPU cores (NumPy releases the GIL while copying);
 BLAS threads the GEMMs.
 """
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ..backend import array_module
-from ..blob import Blob
+from ..blob import Blob, is_channels_last
 from ..errors import VggcaffeError
 from ..fillers import fill
+from ..threads import over_blocks
 from .base import Layer, register
 
 _scratch = threading.local()
-_pool = {}
-WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-MIN_PARALLEL_ELEMENTS = 1 << 18
 # Largest patch matrix built at once; bigger batches go through in slices of images.
 MAX_COLS_BYTES = 1 << 29
 # Largest NHWC patch matrix a layer keeps from forward to backward.
 MAX_CACHED_COLS_BYTES = 1 << 26
+# Padded NHWC gradient summed at once by col2im (so it stays in a core's L2 cache).
+COL2IM_BLOCK_BYTES = 1 << 19
 # None: each NumPy layer's layout comes from use_nhwc; True/False: forced where it applies.
 FORCE_NHWC = None
 
 
 def use_nhwc(channels, out_width):
     """Whether the NHWC path is the faster one: measured on 2 cores over VGG's 3×3 layers
-    (32-px maps at batch 64, 112-px at batch 16), it wins from 64 input channels on maps
-    up to 16 wide (up to 2× in backward) and loses on wider maps and on few channels."""
-    return channels >= 64 and out_width <= 16
+    (32-px maps at batch 64, 112-px at batch 16), it wins from 32 input channels on maps
+    up to 16 wide (up to 2× in backward, more with channels-last blobs around it) and
+    loses on wider maps and on few channels."""
+    return channels >= 32 and out_width <= 16
 
 
 def scratch(xp, slot, shape, dtype):
@@ -74,19 +82,6 @@ def scratch(xp, slot, shape, dtype):
         buf = xp.empty(size, dtype)
         buffers[key] = buf
     return buf[:size].reshape(shape)
-
-
-def over_blocks(xp, fn, count, work):
-    """Call fn(i0, i1) on blocks (of channels or images) covering [0, count), in parallel on NumPy."""
-    if xp is not np or WORKERS == 1 or count == 1 or work < MIN_PARALLEL_ELEMENTS:
-        fn(0, count)
-        return
-    if "executor" not in _pool:
-        _pool["executor"] = ThreadPoolExecutor(WORKERS, thread_name_prefix="vggcaffe-conv")
-    n = min(count, WORKERS)
-    bounds = [count * t // n for t in range(n + 1)]
-    for _ in _pool["executor"].map(lambda t: fn(bounds[t], bounds[t + 1]), range(n)):
-        pass
 
 
 @register("Convolution", "CONVOLUTION")
@@ -117,6 +112,7 @@ class ConvolutionLayer(Layer):
                              f"must both be divisible by group ({self.group})")
         self.is_1x1 = self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)
         self.bias_term = p.bias_term
+        self.fused_relu = self.channels_last = False        # set by vggcaffe.cpu / vggcaffe.gpu prepare_net
         self.blobs = [Blob((self.num_output, self.channels // self.group) + self.kernel, self.dtype)]
         fill(self.blobs[0], p.weight_filler, self.rng)
         if self.bias_term:
@@ -158,6 +154,8 @@ class ConvolutionLayer(Layer):
                              f"padded input {hp}x{wp}")
         self.nhwc = array_module(bottom[0].data) is np and self.group == 1 and not self.is_1x1 and (
             use_nhwc(c, wo) if FORCE_NHWC is None else FORCE_NHWC)
+        # Either NumPy path can write channels-last tops (for vggcaffe.cpu.prepare_net).
+        self.writes_channels_last = array_module(bottom[0].data) is np and self.group == 1 and not self.is_1x1
         # Stride 1 on a wide enough map: patches are computed for all Wp columns
         # of each row (Wp - Wo of them wasted), so every patch row is one
         # contiguous run of the padded image ("flat" windows).
@@ -165,13 +163,24 @@ class ConvolutionLayer(Layer):
         self.in_shape, self.out_hw = (n, c, h, w), (ho, wo)
         self.pitch = wp if self.flat else wo
         self.padded_hw = (hp + self.flat, wp)
-        image_cols_bytes = c * kh * kw * ho * self.pitch * bottom[0].data.dtype.itemsize
+        image_cols_bytes = fwd_cols_bytes = c * kh * kw * ho * self.pitch * bottom[0].data.dtype.itemsize
+        # The NHWC data gradient of a stride-1 layer is a convolution of dY (no col2im)
+        # when its padding, dilation·(k - 1) - pad, is not negative; measured faster
+        # from 4×4 maps up (on 2×2 maps the patches of dY are mostly padding).
+        t_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+        self.transposed_pad = t_pad if (self.nhwc and (sh, sw) == (1, 1) and min(t_pad) >= 0
+                                        and min(h, w) >= 4) else None
+        if self.transposed_pad:
+            image_cols_bytes = max(image_cols_bytes, self.num_output * kh * kw * h * w * bottom[0].data.dtype.itemsize)
         self.images_per_pass = max(1, MAX_COLS_BYTES // image_cols_bytes)
-        self.keep_cols = (self.nhwc and self.images_per_pass >= n
-                          and n * image_cols_bytes <= MAX_CACHED_COLS_BYTES)
+        self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and self.images_per_pass >= n
+                          and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
         self._cols_valid = [False] * len(bottom)
+        self._w_valid = None
         for t in top:
             t.reshape(n, self.num_output, ho, wo)
+            if self.channels_last and self.writes_channels_last:
+                t.make_channels_last()
         if self._cudnn(bottom[0].data):
             self._gpu.reshape(bottom, top)
 
@@ -193,13 +202,13 @@ class ConvolutionLayer(Layer):
                 if self.nhwc:
                     self._forward_nhwc(b, x.data[images], y.data[images])
                 else:
-                    self._forward_one(x.data[images], y.data[images])
+                    self._forward_one(b, x.data[images], y.data[images])
 
     def _batch_slices(self):
         n, step = self.in_shape[0], self.images_per_pass
         return [slice(n0, min(n0 + step, n)) for n0 in range(0, n, step)]
 
-    def _forward_one(self, x, y):
+    def _forward_one(self, b, x, y):
         xp = array_module(x)
         (n, c, _, _), (ho, wo), g, co = x.shape, self.out_hw, self.group, self.num_output
         w = self.blobs[0].data.reshape(g, co // g, -1)                    # (g, Cout/g, C/g·kh·kw)
@@ -208,8 +217,16 @@ class ConvolutionLayer(Layer):
             xp.matmul(w, x.reshape(n, g, c // g, ho * wo), out=y.reshape(n, g, co // g, ho * wo))
             if self.bias_term:
                 y += self.blobs[1].data[None, :, None, None]
+            if self.fused_relu:
+                xp.maximum(y, 0, out=y)
             return
-        cols = self._im2col(xp, x)                                        # (g, C/g·kh·kw, N·Ho·pitch)
+        cols = self._im2col(xp, x, b)                                     # (g, C/g·kh·kw, N·Ho·pitch)
+        self._cols_valid[b] = self.keep_cols
+        if is_channels_last(y):                                           # one group (see reshape)
+            out = scratch(xp, "out", (n, ho, self.pitch, co), x.dtype)
+            xp.matmul(cols[0].T, w[0].T, out=out.reshape(-1, co))        # Yᵀ(N·Ho·pitch, Cout)
+            self._bias_relu_nhwc(out[:, :, :wo], y, direct=False)
+            return
         out = scratch(xp, "out", (g, co // g, cols.shape[2]), x.dtype)    # (g, Cout/g, N·Ho·pitch)
         xp.matmul(w, cols, out=out)
         self._to_nchw(xp, out.reshape(co, n, ho, self.pitch), y)
@@ -219,24 +236,41 @@ class ConvolutionLayer(Layer):
             return self._gpu.backward(top, propagate_down, bottom)
         for b, (x, y) in enumerate(zip(bottom, top)):
             for images in self._batch_slices():
+                if self.fused_relu:
+                    self._relu_grad(y.data[images], y.diff[images])
                 if self.nhwc:
                     self._backward_nhwc(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])
                 else:
-                    self._backward_one(x.data[images], x.diff[images], y.diff[images], propagate_down[b])
+                    self._backward_one(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])
 
-    def _backward_one(self, x, dx, dy, need_dx):
+    def _relu_grad(self, y, dy):
+        """The folded ReLU's backward, in place as the in-place ReLU's: dY *= (Y > 0)."""
+        xp = array_module(dy)
+
+        def block(n0, n1):
+            xp.multiply(dy[n0:n1], y[n0:n1] > 0, out=dy[n0:n1])
+        over_blocks(xp, block, dy.shape[0], dy.size)
+
+    def _backward_one(self, b, x, dx, dy, need_dx):
         xp = array_module(dy)
         (n, c, _, _), (ho, wo), g, co = x.shape, self.out_hw, self.group, self.num_output
         need_dw = self.param_propagate_down[0]
         need_db = self.bias_term and self.param_propagate_down[1]
         w_t = self.blobs[0].data.reshape(g, co // g, -1).transpose(0, 2, 1)  # (g, C/g·kh·kw, Cout/g)
-        if need_dw or need_db or (need_dx and not self.is_1x1):
-            dy_t = self._channels_first(xp, dy, "out", self.pitch)        # (Cout, N, Ho, pitch)
-            dy_g = dy_t.reshape(g, co // g, -1)
+        if (need_dw or need_db or (need_dx and not self.is_1x1)) and is_channels_last(dy):
+            dy_p = scratch(xp, "out", (n, ho, self.pitch, co), dy.dtype)  # one group (see reshape)
+
+            def block(n0, n1):
+                dy_p[n0:n1, :, :wo] = dy[n0:n1].transpose(0, 2, 3, 1)
+                dy_p[n0:n1, :, wo:] = 0
+            over_blocks(xp, block, n, dy_p.size)
+            dy_g = dy_p.reshape(1, -1, co).transpose(0, 2, 1)             # (1, Cout, N·Ho·pitch) view
+        elif need_dw or need_db or (need_dx and not self.is_1x1):
+            dy_g = self._channels_first(xp, dy, "out", self.pitch).reshape(g, co // g, -1)
         if need_db:
-            self.blobs[1].diff += dy_t.reshape(co, -1).sum(axis=1)
+            self.blobs[1].diff += dy_g.reshape(co, -1).sum(axis=1)
         if need_dw:
-            cols = self._im2col(xp, x) if not self.is_1x1 else \
+            cols = self._im2col(xp, x, b, reuse=True) if not self.is_1x1 else \
                 self._channels_first(xp, x, "cols", x.shape[3]).reshape(g, c // g, -1)
             # dWᵀ(g, C/g·kh·kw, Cout/g) = cols @ dYᵀ
             dw_t = xp.matmul(cols, dy_g.transpose(0, 2, 1))
@@ -251,95 +285,145 @@ class ConvolutionLayer(Layer):
 
     # --- channels-last path (NumPy, one group) --------------------------------
     def _forward_nhwc(self, b, x, y):
-        xp = array_module(x)
-        cols = self._im2col_nhwc(xp, x, b)                                # (N·Ho·Wo, kh·kw·C)
-        out = scratch(xp, "out", (cols.shape[0], self.num_output), x.dtype)
-        xp.matmul(cols, self._w_nhwc(xp).T, out=out)                      # (N·Ho·Wo, Cout)
-        n, (ho, wo) = x.shape[0], self.out_hw
-        out = out.reshape(n, ho, wo, self.num_output)
-        bias = self.blobs[1].data[:, None, None] if self.bias_term else None
+        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
+        cols = self._im2col_nhwc(x, b)                                    # (N·Ho·Wo, kh·kw·C)
+        self._cols_valid[b] = self.keep_cols
+        direct = is_channels_last(y)
+        out = y.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, ho, wo, co), x.dtype)
+        np.matmul(cols, self._w_nhwc().T, out=out.reshape(-1, co))       # (N·Ho·Wo, Cout)
+        self._bias_relu_nhwc(out, y, direct)
+
+    def _bias_relu_nhwc(self, out, y, direct):
+        """y(N, Cout, Ho, Wo), either layout = out(N, Ho, Wo, Cout) + bias, through the
+        folded ReLU; `direct`: out is y's own (channels-last) memory."""
+        bias = self.blobs[1].data if self.bias_term else None
 
         def block(n0, n1):
-            src = out[n0:n1].transpose(0, 3, 1, 2)
-            if bias is None:
-                y[n0:n1] = src
-            else:
-                xp.add(src, bias, out=y[n0:n1])
-        over_blocks(xp, block, n, y.size)
-        self._cols_valid[b] = self.keep_cols
+            o, dst = out[n0:n1], y[n0:n1].transpose(0, 2, 3, 1)
+            if bias is not None:
+                np.add(o, bias, out=dst)
+            elif not direct:
+                dst[...] = o
+            if self.fused_relu:
+                np.maximum(dst, 0, out=dst)
+        over_blocks(np, block, y.shape[0], y.size)
 
     def _backward_nhwc(self, b, x, dx, dy, need_dx):
-        xp = array_module(dy)
         n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
         need_dw = self.param_propagate_down[0]
         need_db = self.bias_term and self.param_propagate_down[1]
         if not (need_dw or need_db or need_dx):
             return
-        dy_l = scratch(xp, "out", (n, ho, wo, co), dy.dtype)
+        if is_channels_last(dy):
+            dy_l = dy.transpose(0, 2, 3, 1)
+        else:
+            dy_l = scratch(np, "out", (n, ho, wo, co), dy.dtype)
 
-        def block(n0, n1):
-            dy_l[n0:n1] = dy[n0:n1].transpose(0, 2, 3, 1)
-        over_blocks(xp, block, n, dy.size)
-        dy_l = dy_l.reshape(-1, co)                                       # (N·Ho·Wo, Cout)
+            def block(n0, n1):
+                dy_l[n0:n1] = dy[n0:n1].transpose(0, 2, 3, 1)
+            over_blocks(np, block, n, dy.size)
+        dy_m = dy_l.reshape(-1, co)                                       # (N·Ho·Wo, Cout)
         if need_db:
-            self.blobs[1].diff += dy_l.sum(axis=0)
+            self.blobs[1].diff += dy_m.sum(axis=0)
         if need_dw:
-            cols = self._cached_cols(b, dy.dtype) if self._cols_valid[b] else self._im2col_nhwc(xp, x, b)
-            dw = scratch(xp, "dw", (co, cols.shape[1]), dy.dtype)
-            xp.matmul(dy_l.T, cols, out=dw)                               # dW' (Cout, kh·kw·C)
+            cols = self._im2col_nhwc(x, b, reuse=True)
+            dw = scratch(np, "dw", (co, cols.shape[1]), dy.dtype)
+            np.matmul(dy_m.T, cols, out=dw)                               # dW' (Cout, kh·kw·C)
             self.blobs[0].diff += dw.reshape((co,) + self.kernel + (-1,)).transpose(0, 3, 1, 2)
-        if need_dx:
-            w = self._w_nhwc(xp)
-            dcols = scratch(xp, "cols", (dy_l.shape[0], w.shape[1]), dy.dtype)
-            xp.matmul(dy_l, w, out=dcols)                                 # (N·Ho·Wo, kh·kw·C)
-            self._col2im_nhwc(xp, dcols, dx)
+        if need_dx and self.transposed_pad is not None:
+            self._backward_data_tconv(dy_l, dx)
+        elif need_dx:
+            w = self._w_nhwc(fresh=self._w_valid is not self.blobs[0].data)
+            dcols = scratch(np, "cols", (dy_m.shape[0], w.shape[1]), dy.dtype)
+            np.matmul(dy_m, w, out=dcols)                                 # (N·Ho·Wo, kh·kw·C)
+            self._col2im_nhwc(dcols, dx)
 
-    def _w_nhwc(self, xp):
-        """W'ᵀ (Cout, kh·kw·C): the weights reordered to the NHWC patch order, in scratch."""
+    def _backward_data_tconv(self, dy_l, dx):
+        """dX as the transposed convolution of a stride-1 layer: the convolution of dY,
+        padded by dilation·(k - 1) - pad, with W flipped in space and Cout <-> C:
+        dX(N·H·W, C) = patches of dY (N·H·W, kh·kw·Cout) @ W_rot (kh·kw·Cout, C)."""
+        (n, c, h, w), (kh, kw), co = dx.shape, self.kernel, self.num_output
+        wt = self.blobs[0].data                                           # (Cout, C, kh, kw)
+        w_rot = scratch(np, "w_rot", (kh, kw, co, c), wt.dtype)
+        w_rot[...] = wt[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+        cols = scratch(np, "cols", (n, h, w, kh, kw, co), dy_l.dtype)
+        self._patches_nhwc(dy_l, cols, self.transposed_pad, (1, 1))
+        direct = is_channels_last(dx)
+        out = dx.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, h, w, c), dx.dtype)
+        np.matmul(cols.reshape(n * h * w, -1), w_rot.reshape(-1, c), out=out.reshape(-1, c))
+        if not direct:
+            def block(n0, n1):
+                dx[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
+            over_blocks(np, block, n, dx.size)
+
+    def _w_nhwc(self, fresh=True):
+        """W' (Cout, kh·kw·C): the weights in the NHWC patch order, in the layer's buffer;
+        made on each forward (the weights change between iterations), reused by the backward."""
         w = self.blobs[0].data
         co, c = w.shape[:2]
-        w_t = scratch(xp, "w", (co, w.shape[2] * w.shape[3], c), w.dtype)
-        w_t[...] = w.reshape(co, c, -1).transpose(0, 2, 1)
-        return w_t.reshape(co, -1)
+        if fresh:
+            shape = (co, w.shape[2] * w.shape[3], c)
+            buf = self.__dict__.get("_w_buf")
+            if buf is None or buf.shape != shape or buf.dtype != w.dtype:
+                buf = self._w_buf = np.empty(shape, w.dtype)
+            buf[...] = w.reshape(co, c, -1).transpose(0, 2, 1)
+            self._w_valid = w
+        return self._w_buf.reshape(co, -1)
 
-    def _cached_cols(self, b, dtype):
-        """The layer's own (N·Ho·Wo, kh·kw·C) patch buffer for bottom b."""
-        n, c = self.in_shape[:2]
-        shape = (n * self.out_hw[0] * self.out_hw[1], self.kernel[0] * self.kernel[1] * c)
+    def _cols_buffer(self, xp, b, shape, dtype):
+        """Where the patches of bottom b go: the layer's own buffer when it keeps them
+        (b given), else the thread's scratch."""
+        if b is None or not self.keep_cols:
+            return scratch(xp, "cols", shape, dtype)
+        size = int(np.prod(shape))
         buffers = self.__dict__.setdefault("_cols", {})
         buf = buffers.get(b)
-        if buf is None or buf.dtype != dtype or buf.size < shape[0] * shape[1]:
-            buf = buffers[b] = np.empty(shape[0] * shape[1], dtype)
-        return buf[:shape[0] * shape[1]].reshape(shape)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = buffers[b] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
 
-    def _im2col_nhwc(self, xp, x, b):
-        """X(N, C, H, W) -> cols (N, Ho, Wo, kh, kw, C) viewed as (N·Ho·Wo, kh·kw·C)."""
-        (n, c, h, w), (kh, kw), (ph, pw), (ho, wo) = x.shape, self.kernel, self.pad, self.out_hw
-        shape = (n, ho, wo, kh, kw, c)
-        cols = (self._cached_cols(b, x.dtype).reshape(shape) if self.keep_cols
-                else scratch(xp, "cols", shape, x.dtype))
-        padded = scratch(xp, "pad", (n,) + self.padded_hw + (c,), x.dtype)
-
-        def block(n0, n1):
-            _zero_border(padded[n0:n1].transpose(1, 2, 0, 3), ph, pw, h, w)
-            padded[n0:n1, ph:ph + h, pw:pw + w] = x[n0:n1].transpose(0, 2, 3, 1)
-            for i, j, rs, cs in self._offsets():
-                cols[n0:n1, :, :, i, j] = padded[n0:n1, rs, cs]
-        over_blocks(xp, block, n, cols.size)
+    def _im2col_nhwc(self, x, b, reuse=False):
+        """X(N, C, H, W), either layout -> cols (N, Ho, Wo, kh, kw, C) viewed as (N·Ho·Wo, kh·kw·C);
+        `reuse`: the ones the forward kept, when it did."""
+        (n, c, _, _), (kh, kw), (ho, wo) = x.shape, self.kernel, self.out_hw
+        cols = self._cols_buffer(np, b, (n, ho, wo, kh, kw, c), x.dtype)
+        if not (reuse and self._cols_valid[b]):
+            self._patches_nhwc(x.transpose(0, 2, 3, 1), cols, self.pad, self.stride)
         return cols.reshape(n * ho * wo, -1)
 
-    def _col2im_nhwc(self, xp, dcols, dx):
-        """dcols (N, Ho, Wo, kh, kw, C) -> dX(N, C, H, W): add each patch back where it was read."""
-        (n, c, h, w), (kh, kw), (ph, pw), (ho, wo) = dx.shape, self.kernel, self.pad, self.out_hw
-        dcols = dcols.reshape(n, ho, wo, kh, kw, c)
-        padded = scratch(xp, "pad", (n,) + self.padded_hw + (c,), dx.dtype)
+    def _patches_nhwc(self, x, cols, pad, stride):
+        """cols (N, Ho, Wo, kh, kw, C) = the kernel's patches of x (N, H, W, C), any strides,
+        zero-padded by `pad`. Each patch row is read through one strided view of the padded
+        input, so with dilation 1 every copy moves runs of kw·C contiguous values."""
+        (n, h, w, c), (ph, pw), (sh, sw), (dh, dw) = x.shape, pad, stride, self.dilation
+        padded = scratch(np, "pad", (n, h + 2 * ph, w + 2 * pw, c), x.dtype)
 
         def block(n0, n1):
-            padded[n0:n1] = 0
-            for i, j, rs, cs in self._offsets():
-                padded[n0:n1, rs, cs] += dcols[n0:n1, :, :, i, j]
-            dx[n0:n1] = padded[n0:n1, ph:ph + h, pw:pw + w].transpose(0, 3, 1, 2)
-        over_blocks(xp, block, n, dcols.size)
+            p = padded[n0:n1]
+            _zero_border(p.transpose(1, 2, 0, 3), ph, pw, h, w)
+            p[:, ph:ph + h, pw:pw + w] = x[n0:n1]
+            s = p.strides
+            np.copyto(cols[n0:n1], as_strided(p, (n1 - n0,) + cols.shape[1:],
+                                               (s[0], sh * s[1], sw * s[2], dh * s[1], dw * s[2], s[3])))
+        over_blocks(np, block, n, cols.size)
+
+    def _col2im_nhwc(self, dcols, dx):
+        """dcols (N, Ho, Wo, kh, kw, C) -> dX(N, C, H, W), either layout: add each patch
+        back where it was read, a few images at a time so the padded sums stay in cache."""
+        (n, c, h, w), (kh, kw), (ph, pw), (ho, wo) = dx.shape, self.kernel, self.pad, self.out_hw
+        dcols = dcols.reshape(n, ho, wo, kh, kw, c)
+        padded = scratch(np, "pad", (n,) + self.padded_hw + (c,), dx.dtype)
+        step = max(1, COL2IM_BLOCK_BYTES // padded[0].nbytes)
+
+        def block(n0, n1):
+            for m0 in range(n0, n1, step):
+                m1 = min(m0 + step, n1)
+                p = padded[m0:m1]
+                p[...] = 0
+                for i, j, rs, cs in self._offsets():
+                    p[:, rs, cs] += dcols[m0:m1, :, :, i, j]
+                dx[m0:m1] = p[:, ph:ph + h, pw:pw + w].transpose(0, 3, 1, 2)
+        over_blocks(np, block, n, dcols.size)
 
     # --- layouts and patches ----------------------------------------------------
     def _to_nchw(self, xp, out, y):
@@ -353,6 +437,8 @@ class ConvolutionLayer(Layer):
                 y[:, o0:o1] = src
             else:
                 xp.add(src, bias[o0:o1], out=y[:, o0:o1])
+            if self.fused_relu:
+                xp.maximum(y[:, o0:o1], 0, out=y[:, o0:o1])
         over_blocks(xp, block, y.shape[1], y.size)
 
     def _channels_first(self, xp, a, slot, pitch):
@@ -387,10 +473,13 @@ class ConvolutionLayer(Layer):
             for j in range(kw):
                 yield i, j, slice(i * dh, i * dh + sh * (ho - 1) + 1, sh), slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
 
-    def _im2col(self, xp, x):
-        """X(N, C, H, W) -> cols (C, kh, kw, N, Ho, pitch) viewed as (g, C/g·kh·kw, N·Ho·pitch)."""
+    def _im2col(self, xp, x, b=None, reuse=False):
+        """X(N, C, H, W) -> cols (C, kh, kw, N, Ho, pitch) viewed as (g, C/g·kh·kw, N·Ho·pitch);
+        `reuse`: the ones the forward kept for bottom b, when it did."""
         (n, c, h, w), (kh, kw), (ph, pw) = x.shape, self.kernel, self.pad
-        cols = scratch(xp, "cols", (c, kh, kw, n, self.out_hw[0], self.pitch), x.dtype)
+        cols = self._cols_buffer(xp, b, (c, kh, kw, n, self.out_hw[0], self.pitch), x.dtype)
+        if reuse and self._cols_valid[b]:
+            return cols.reshape(self.group, c // self.group * kh * kw, -1)
         padded = scratch(xp, "pad", (n, c) + self.padded_hw, x.dtype)
 
         def block(c0, c1):

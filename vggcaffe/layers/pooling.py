@@ -6,12 +6,16 @@ buffer only when a window reaches past the input (padding, or ceil mode); the
 VGG case (2x2, stride 2, even sizes) reads the input itself. Folding the input
 into (N, C, H/2, 2, W/2, 2) and reducing over the window axes was measured
 slower than the strided views (NumPy and CuPy), so there is no separate reshape path.
+MAX runs over blocks of images on all cores (vggcaffe.threads).
+Bottom and top may be channels-last (vggcaffe.blob): every array the layer makes
+follows y's layout, and `channels_last` (set by vggcaffe.cpu.prepare_net) makes the top so.
 """
 import numpy as np
 
 from ..backend import array_module
 from ..errors import VggcaffeError
 from ..proto import caffe_pb2
+from ..threads import over_blocks
 from .base import Layer, register
 
 P = caffe_pb2.PoolingParameter
@@ -45,6 +49,7 @@ class PoolingLayer(Layer):
         self.sh, self.sw = self._pair(p, "stride", "stride_h", "stride_w")
         self.ph, self.pw = self._pair(p, "pad", "pad_h", "pad_w")
         self.ceil_mode = p.round_mode == P.CEIL
+        self.channels_last = False          # set by vggcaffe.cpu.prepare_net
         if self.global_pooling and (self.sh, self.sw, self.ph, self.pw) != (1, 1, 0, 0):
             raise self.error("global_pooling takes only stride 1 and pad 0")
         if self.sh < 1 or self.sw < 1:
@@ -84,6 +89,8 @@ class PoolingLayer(Layer):
         self.window_size = self._window_size(H, W)        # (oh, ow), host ints
         for blob in top:
             blob.reshape(N, C, self.oh, self.ow)
+        if self.channels_last:
+            top[0].make_channels_last()
 
     # --- windows ----------------------------------------------------------
     def _padded_shape(self, H, W):
@@ -125,7 +132,9 @@ class PoolingLayer(Layer):
         x, y = bottom[0].data, top[0].data                  # (N, C, H, W), (N, C, oh, ow)
         xp = array_module(x)
         if self.pool == P.MAX:
-            self.argmax = self._max_forward(xp, x, y)        # (N, C, oh, ow)
+            self.argmax = xp.empty_like(y, np.min_scalar_type(self.kh * self.kw - 1))   # (N, C, oh, ow)
+            over_blocks(xp, lambda n0, n1: self._max_forward(xp, x[n0:n1], y[n0:n1], self.argmax[n0:n1]),
+                        x.shape[0], x.size)
             if len(top) > 1:
                 top[1].data[...] = self._mask(xp, x.shape)
         else:
@@ -137,40 +146,42 @@ class PoolingLayer(Layer):
         dy = top[0].diff                                     # (N, C, oh, ow)
         xp = array_module(dy)
         N, C, H, W = bottom[0].shape
+        tiled = (self.kh, self.kw) == (self.sh, self.sw) and (self.oh * self.sh, self.ow * self.sw) == (H, W)
         if self._needs_padding(H, W):
             dx = xp.zeros((N, C) + self._padded_shape(H, W), dy.dtype)
         else:
             dx = bottom[0].diff
-            dx.fill(0)
+            if not (tiled and self.pool == P.MAX):      # there MAX's backward writes every element
+                dx.fill(0)
         if self.pool == P.MAX:
-            self._max_backward(xp, dx, dy)
+            over_blocks(xp, lambda n0, n1: self._max_backward(xp, dx[n0:n1], dy[n0:n1], self.argmax[n0:n1]),
+                        N, dx.size)
         else:
             self._ave_backward(dx, dy / xp.asarray(self.window_size, dy.dtype))
         if dx is not bottom[0].diff:
             bottom[0].diff[...] = dx[:, :, self.ph:self.ph + H, self.pw:self.pw + W]
 
-    def _max_forward(self, xp, x, y):
-        """Running max into y, and the offset k of the first maximum (strictly
+    def _max_forward(self, xp, x, y, argmax):
+        """Running max into y, and into argmax the offset k of the first maximum (strictly
         greater replaces, so ties keep the earliest offset, as Caffe's scan)."""
-        argmax = xp.zeros(y.shape, np.min_scalar_type(self.kh * self.kw - 1))
         for k, view in self._offsets(self._pad(xp, x, -np.inf)):
             if k == 0:
                 y[...] = view
+                argmax.fill(0)
                 continue
             better = view > y
             xp.maximum(y, view, out=y)
             # k grows with the loop, so "k where better" is a max with the old offset.
             xp.maximum(argmax, better * argmax.dtype.type(k), out=argmax)
-        return argmax
 
-    def _max_backward(self, xp, dx, dy):
+    def _max_backward(self, xp, dx, dy, argmax):
         """Each output's gradient goes to its argmax (summed where windows overlap)."""
         overlap = self.sh < self.kh or self.sw < self.kw
         for k, view in self._offsets(dx):
             if overlap:
-                view += dy * (self.argmax == k)
+                view += dy * (argmax == k)
             else:
-                xp.multiply(dy, self.argmax == k, out=view)
+                xp.multiply(dy, argmax == k, out=view)
 
     def _mask(self, xp, shape):
         """Caffe's mask top: flat index h*W + w of each argmax in its input plane."""
