@@ -51,6 +51,9 @@ CASES = {
               (2, 2, 7, 6), (1, 0), (2, 1), (1, 1), 1),
     "two values": ("num_output: 2 kernel_size: 3 kernel_size: 1 pad: 0 pad: 1 stride: 1 stride: 2 dilation: 2",
                    (1, 2, 7, 5), (0, 1), (1, 2), (2, 2), 1),
+    "3x3 narrowing": ("num_output: 2 kernel_size: 3 pad: 1", (2, 4, 5, 6), (1, 1), (1, 1), (1, 1), 1),
+    "2x3 stride 1": ("num_output: 2 kernel_h: 2 kernel_w: 3 pad_h: 0 pad_w: 1", (1, 3, 5, 4),
+                     (0, 1), (1, 1), (1, 1), 1),
     "1x1": ("num_output: 5 kernel_size: 1", (2, 3, 4, 3), (0, 0), (1, 1), (1, 1), 1),
     "1x1 group 3": ("num_output: 6 kernel_size: 1 group: 3", (2, 3, 3, 3), (0, 0), (1, 1), (1, 1), 3),
     "1x1 stride 2": ("num_output: 2 kernel_size: 1 stride: 2", (1, 3, 5, 5), (0, 0), (2, 2), (1, 1), 1),
@@ -206,7 +209,7 @@ def test_channel_change_on_reshape_is_an_error():
 
 
 NHWC_CASES = ["3x3 pad 1", "3x3 wide (flat windows)", "dilation 2 wide (flat windows)", "stride 2", "dilation 2",
-              "_h/_w", "two values"]
+              "_h/_w", "two values", "3x3 narrowing", "2x3 stride 1"]
 
 
 @pytest.fixture(params=[False, True], ids=["nchw", "nhwc"])
@@ -256,10 +259,12 @@ def test_channels_last_blobs_and_fused_relu(name, fused_relu, layout):
     check_gradient(layer, bottom, top)
 
 
-def test_transposed_data_gradient_applies_to_stride_1_from_4x4_maps(monkeypatch):
-    assert run_forward("3x3 pad 1", np.float64)[0].transposed_pad is None          # NCHW layout
+def test_transposed_data_gradient_applies_to_stride_1_from_4x4_maps_without_more_outputs(monkeypatch):
+    assert run_forward("dilation 2", np.float64)[0].transposed_pad is None         # NCHW layout
     monkeypatch.setattr(convolution, "FORCE_NHWC", True)
-    for name, expected in (("3x3 pad 1", (1, 1)), ("dilation 2", (2, 2)), ("stride 2", None),
+    # "3x3 pad 1" has more outputs than inputs (4 > 3): dY's patches would outgrow X's.
+    for name, expected in (("dilation 2", (2, 2)), ("3x3 narrowing", (1, 1)), ("2x3 stride 1", (1, 1)),
+                           ("3x3 pad 1", None), ("stride 2", None),
                            ("dilation 2 wide (flat windows)", None), ("two values", None)):
         params, shape, *_ = CASES[name]
         layer, _, _ = make_layer(conv_text(params), [np.zeros(shape)])

@@ -2,7 +2,8 @@
 
 A 4-D blob's arrays may be channels-last: (N, C, H, W)-shaped views of NHWC
 memory, which convolutions and pools that work in NHWC read and write without
-transposing (`Blob.make_channels_last`, set up by the layers that produce them).
+transposing (`Blob.make_channels_last`, set up by the layers that produce them;
+an NHWC convolution's weights are (Cout, C, kh, kw) views of (Cout, kh, kw, C)).
 """
 import numpy as np
 
@@ -59,12 +60,16 @@ class Blob:
             self.data = self._xp.zeros(shape, self.dtype)
             self.diff = self._xp.zeros_like(self.data)
 
-    def make_channels_last(self):
-        """Give data and diff NHWC memory (same shape, zeroed) unless they have it."""
+    def make_channels_last(self, keep_values=False):
+        """Give data and diff NHWC memory (same shape; zeroed, or with their values
+        when `keep_values`) unless they have it."""
         if not is_channels_last(self.data):
             n, c, h, w = self.shape
-            self.data = self._xp.zeros((n, h, w, c), self.dtype).transpose(0, 3, 1, 2)
-            self.diff = self._xp.zeros_like(self.data)
+            data = self._xp.zeros((n, h, w, c), self.dtype).transpose(0, 3, 1, 2)
+            diff = self._xp.zeros_like(data)
+            if keep_values:
+                data[...], diff[...] = self.data, self.diff
+            self.data, self.diff = data, diff
 
     def share_data(self, other):
         """Use `other`'s data array (same memory)."""

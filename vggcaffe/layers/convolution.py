@@ -13,22 +13,24 @@ of VGG's 3×3 layers down to 28×28): there patches are taken for all Wp
 columns of the padded rows, so each kernel offset copies one contiguous run
 per image plane, at the cost of Wp - Wo wasted output columns per row.
 A 1×1, stride-1, unpadded convolution needs no patches: Y(N, Cout, P) = W @ X(N, C, P).
+With a channels-last top (one group, pitch Wo) the GEMM is Yᵀ = colsᵀ @ Wᵀ, which
+is the top's NHWC memory, and dY is read from it the same way.
 
 Channels last (NHWC; one group, not 1×1; faster for many channels on small
 maps): X is padded into (N, Hp, Wp, C) and the patches are (N, Ho, Wo, kh, kw, C),
 so every copy moves runs of kw·C contiguous values:
     forward       Y(N·Ho·Wo, Cout)  = cols(N·Ho·Wo, kh·kw·C) @ W'ᵀ, + bias
     weight grad   dW'(Cout, kh·kw·C) = dYᵀ @ cols
-    data grad     dcols             = dY(N·Ho·Wo, Cout) @ W', then col2im (slice-adds per kernel offset)
-W' (Cout, kh·kw·C) is W reordered to (Cout, kh, kw, C) on every call (the weights change).
+    data grad     stride 1: dX(N·H·W, C) = patches of dY @ W rotated (a convolution, see
+                  _backward_data_tconv); otherwise dcols = dY @ W', then col2im
+W' (Cout, kh·kw·C) is W in (Cout, kh, kw, C) order: the layer keeps its weight
+blob channels-last (vggcaffe.blob), so W' and dW' are views of it.
+
 Bottoms and tops may be channels-last blobs (vggcaffe.blob); `channels_last`
 (set by vggcaffe.cpu.prepare_net when every consumer accepts it) makes the
-tops so: the GEMM then writes Y straight into the top and reads dY from it,
-with no transposes. Otherwise Y and dY go through NCHW copies.
-
-`fused_relu` (also set by prepare_net) folds the in-place ReLU after the layer
-into it: forward writes max(Y + b, 0), backward first does the ReLU's own
-in-place dY *= (Y > 0).
+tops so, and then neither path transposes Y or dY. `fused_relu` (also set by
+prepare_net) folds the in-place ReLU after the layer into it: forward writes
+max(Y + b, 0), backward first does the ReLU's own in-place dY *= (Y > 0).
 
 Patch matrices live in a scratch buffer shared by all convolutions of a
 thread, so memory stays one layer's worth, and at most MAX_COLS_BYTES: a batch
@@ -38,8 +40,7 @@ patches fits MAX_CACHED_COLS_BYTES: then the forward writes them into a buffer
 of the layer, one per bottom, that the backward reads (valid from a forward
 until the next reshape or forward; the bottom's data must not change between
 forward and backward, as in Caffe). On NumPy the copies run over blocks of
-channels or images on all CPU cores (NumPy releases the GIL while copying);
-BLAS threads the GEMMs.
+channels or images on all CPU cores (vggcaffe.threads); BLAS threads the GEMMs.
 """
 import threading
 
@@ -158,25 +159,29 @@ class ConvolutionLayer(Layer):
         self.writes_channels_last = array_module(bottom[0].data) is np and self.group == 1 and not self.is_1x1
         # Stride 1 on a wide enough map: patches are computed for all Wp columns
         # of each row (Wp - Wo of them wasted), so every patch row is one
-        # contiguous run of the padded image ("flat" windows).
-        self.flat = not self.nhwc and (sh, sw) == (1, 1) and 8 * (wp - wo) <= wo
+        # contiguous run of the padded image ("flat" windows). Not for channels-last
+        # tops: without the wasted columns the GEMM writes them in place.
+        self.flat = (not self.nhwc and (sh, sw) == (1, 1) and 8 * (wp - wo) <= wo
+                     and not (self.channels_last and self.writes_channels_last))
         self.in_shape, self.out_hw = (n, c, h, w), (ho, wo)
         self.pitch = wp if self.flat else wo
         self.padded_hw = (hp + self.flat, wp)
         image_cols_bytes = fwd_cols_bytes = c * kh * kw * ho * self.pitch * bottom[0].data.dtype.itemsize
         # The NHWC data gradient of a stride-1 layer is a convolution of dY (no col2im)
         # when its padding, dilation·(k - 1) - pad, is not negative; measured faster
-        # from 4×4 maps up (on 2×2 maps the patches of dY are mostly padding).
+        # from 4×4 maps up (on 2×2 maps the patches of dY are mostly padding) where
+        # Cout <= C (with more outputs, dY's patches outgrow what col2im saves).
         t_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
         self.transposed_pad = t_pad if (self.nhwc and (sh, sw) == (1, 1) and min(t_pad) >= 0
-                                        and min(h, w) >= 4) else None
+                                        and min(h, w) >= 4 and self.num_output <= c) else None
         if self.transposed_pad:
             image_cols_bytes = max(image_cols_bytes, self.num_output * kh * kw * h * w * bottom[0].data.dtype.itemsize)
         self.images_per_pass = max(1, MAX_COLS_BYTES // image_cols_bytes)
         self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and self.images_per_pass >= n
                           and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
         self._cols_valid = [False] * len(bottom)
-        self._w_valid = None
+        if self.nhwc:
+            self.blobs[0].make_channels_last(keep_values=True)
         for t in top:
             t.reshape(n, self.num_output, ho, wo)
             if self.channels_last and self.writes_channels_last:
@@ -222,10 +227,10 @@ class ConvolutionLayer(Layer):
             return
         cols = self._im2col(xp, x, b)                                     # (g, C/g·kh·kw, N·Ho·pitch)
         self._cols_valid[b] = self.keep_cols
-        if is_channels_last(y):                                           # one group (see reshape)
-            out = scratch(xp, "out", (n, ho, self.pitch, co), x.dtype)
-            xp.matmul(cols[0].T, w[0].T, out=out.reshape(-1, co))        # Yᵀ(N·Ho·pitch, Cout)
-            self._bias_relu_nhwc(out[:, :, :wo], y, direct=False)
+        if is_channels_last(y) and self.pitch == wo:                      # one group (see reshape)
+            out = y.transpose(0, 2, 3, 1)
+            xp.matmul(cols[0].T, w[0].T, out=out.reshape(-1, co))        # Yᵀ(N·Ho·Wo, Cout), in place
+            self._bias_relu_nhwc(out, y, direct=True)
             return
         out = scratch(xp, "out", (g, co // g, cols.shape[2]), x.dtype)    # (g, Cout/g, N·Ho·pitch)
         xp.matmul(w, cols, out=out)
@@ -257,14 +262,8 @@ class ConvolutionLayer(Layer):
         need_dw = self.param_propagate_down[0]
         need_db = self.bias_term and self.param_propagate_down[1]
         w_t = self.blobs[0].data.reshape(g, co // g, -1).transpose(0, 2, 1)  # (g, C/g·kh·kw, Cout/g)
-        if (need_dw or need_db or (need_dx and not self.is_1x1)) and is_channels_last(dy):
-            dy_p = scratch(xp, "out", (n, ho, self.pitch, co), dy.dtype)  # one group (see reshape)
-
-            def block(n0, n1):
-                dy_p[n0:n1, :, :wo] = dy[n0:n1].transpose(0, 2, 3, 1)
-                dy_p[n0:n1, :, wo:] = 0
-            over_blocks(xp, block, n, dy_p.size)
-            dy_g = dy_p.reshape(1, -1, co).transpose(0, 2, 1)             # (1, Cout, N·Ho·pitch) view
+        if (need_dw or need_db or (need_dx and not self.is_1x1)) and is_channels_last(dy) and self.pitch == wo:
+            dy_g = dy.transpose(0, 2, 3, 1).reshape(1, -1, co).transpose(0, 2, 1)   # (1, Cout, N·Ho·Wo) view
         elif need_dw or need_db or (need_dx and not self.is_1x1):
             dy_g = self._channels_first(xp, dy, "out", self.pitch).reshape(g, co // g, -1)
         if need_db:
@@ -333,7 +332,7 @@ class ConvolutionLayer(Layer):
         if need_dx and self.transposed_pad is not None:
             self._backward_data_tconv(dy_l, dx)
         elif need_dx:
-            w = self._w_nhwc(fresh=self._w_valid is not self.blobs[0].data)
+            w = self._w_nhwc()
             dcols = scratch(np, "cols", (dy_m.shape[0], w.shape[1]), dy.dtype)
             np.matmul(dy_m, w, out=dcols)                                 # (N·Ho·Wo, kh·kw·C)
             self._col2im_nhwc(dcols, dx)
@@ -356,19 +355,11 @@ class ConvolutionLayer(Layer):
                 dx[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
             over_blocks(np, block, n, dx.size)
 
-    def _w_nhwc(self, fresh=True):
-        """W' (Cout, kh·kw·C): the weights in the NHWC patch order, in the layer's buffer;
-        made on each forward (the weights change between iterations), reused by the backward."""
+    def _w_nhwc(self):
+        """W' (Cout, kh·kw·C): the weights in the NHWC patch order (a view of the
+        channels-last weight blob that reshape makes; a copy if it was replaced)."""
         w = self.blobs[0].data
-        co, c = w.shape[:2]
-        if fresh:
-            shape = (co, w.shape[2] * w.shape[3], c)
-            buf = self.__dict__.get("_w_buf")
-            if buf is None or buf.shape != shape or buf.dtype != w.dtype:
-                buf = self._w_buf = np.empty(shape, w.dtype)
-            buf[...] = w.reshape(co, c, -1).transpose(0, 2, 1)
-            self._w_valid = w
-        return self._w_buf.reshape(co, -1)
+        return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
     def _cols_buffer(self, xp, b, shape, dtype):
         """Where the patches of bottom b go: the layer's own buffer when it keeps them
