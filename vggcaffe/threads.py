@@ -1,4 +1,5 @@
-"""CPU worker threads for the NumPy work between GEMMs (copies, elementwise passes, updates).
+"""CPU worker threads for the NumPy work between GEMMs (copies, elementwise passes, updates),
+and per-thread scratch arrays for it.
 
 NumPy releases the GIL inside copies and ufuncs, so splitting such work over
 blocks (of images, channels or parameter blobs) runs it on all cores. The
@@ -7,6 +8,7 @@ made on first use, takes the rest. Work below MIN_PARALLEL_ELEMENTS runs in the
 caller only (handing it over costs more than it saves).
 """
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,6 +16,7 @@ import numpy as np
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MIN_PARALLEL_ELEMENTS = 1 << 18
 _pool = {}
+_scratch = threading.local()
 
 
 def over_blocks(xp, fn, count, work):
@@ -51,3 +54,15 @@ def run_split(fn, arg_tuples):
     fn(*arg_tuples[0])
     for f in futures:
         f.result()
+
+
+def scratch(xp, slot, shape, dtype):
+    """A reusable array of `shape` for this thread; grows, never shrinks."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (xp.__name__, slot, np.dtype(dtype).str)
+    size = int(np.prod(shape, dtype=np.int64))
+    buf = buffers.get(key)
+    if buf is None or buf.size < size:
+        buf = xp.empty(size, dtype)
+        buffers[key] = buf
+    return buf[:size].reshape(shape)

@@ -42,25 +42,20 @@ until the next reshape or forward; the bottom's data must not change between
 forward and backward, as in Caffe). On NumPy the copies run over blocks of
 channels or images on all CPU cores (vggcaffe.threads); BLAS threads the GEMMs.
 """
-import threading
-
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from ..backend import array_module
 from ..blob import Blob, is_channels_last
 from ..errors import VggcaffeError
 from ..fillers import fill
-from ..threads import over_blocks
+from ..threads import over_blocks, scratch
 from .base import Layer, register
+from .conv_nhwc import NHWCConvolution, zero_border
 
-_scratch = threading.local()
 # Largest patch matrix built at once; bigger batches go through in slices of images.
 MAX_COLS_BYTES = 1 << 29
 # Largest NHWC patch matrix a layer keeps from forward to backward.
 MAX_CACHED_COLS_BYTES = 1 << 26
-# Padded NHWC gradient summed at once by col2im (so it stays in a core's L2 cache).
-COL2IM_BLOCK_BYTES = 1 << 19
 # None: each NumPy layer's layout comes from use_nhwc; True/False: forced where it applies.
 FORCE_NHWC = None
 
@@ -73,20 +68,8 @@ def use_nhwc(channels, out_width):
     return channels >= 32 and out_width <= 16
 
 
-def scratch(xp, slot, shape, dtype):
-    """A reusable array of `shape` for this thread; grows, never shrinks."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (xp.__name__, slot, np.dtype(dtype).str)
-    size = int(np.prod(shape, dtype=np.int64))
-    buf = buffers.get(key)
-    if buf is None or buf.size < size:
-        buf = xp.empty(size, dtype)
-        buffers[key] = buf
-    return buf[:size].reshape(shape)
-
-
 @register("Convolution", "CONVOLUTION")
-class ConvolutionLayer(Layer):
+class ConvolutionLayer(NHWCConvolution, Layer):
     min_bottom = 1
     min_top = 1
 
@@ -282,140 +265,6 @@ class ConvolutionLayer(Layer):
             xp.matmul(w_t, dy_g, out=dcols)
             self._col2im(xp, dcols, dx)
 
-    # --- channels-last path (NumPy, one group) --------------------------------
-    def _forward_nhwc(self, b, x, y):
-        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
-        cols = self._im2col_nhwc(x, b)                                    # (N·Ho·Wo, kh·kw·C)
-        self._cols_valid[b] = self.keep_cols
-        direct = is_channels_last(y)
-        out = y.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, ho, wo, co), x.dtype)
-        np.matmul(cols, self._w_nhwc().T, out=out.reshape(-1, co))       # (N·Ho·Wo, Cout)
-        self._bias_relu_nhwc(out, y, direct)
-
-    def _bias_relu_nhwc(self, out, y, direct):
-        """y(N, Cout, Ho, Wo), either layout = out(N, Ho, Wo, Cout) + bias, through the
-        folded ReLU; `direct`: out is y's own (channels-last) memory."""
-        bias = self.blobs[1].data if self.bias_term else None
-
-        def block(n0, n1):
-            o, dst = out[n0:n1], y[n0:n1].transpose(0, 2, 3, 1)
-            if bias is not None:
-                np.add(o, bias, out=dst)
-            elif not direct:
-                dst[...] = o
-            if self.fused_relu:
-                np.maximum(dst, 0, out=dst)
-        over_blocks(np, block, y.shape[0], y.size)
-
-    def _backward_nhwc(self, b, x, dx, dy, need_dx):
-        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
-        need_dw = self.param_propagate_down[0]
-        need_db = self.bias_term and self.param_propagate_down[1]
-        if not (need_dw or need_db or need_dx):
-            return
-        if is_channels_last(dy):
-            dy_l = dy.transpose(0, 2, 3, 1)
-        else:
-            dy_l = scratch(np, "out", (n, ho, wo, co), dy.dtype)
-
-            def block(n0, n1):
-                dy_l[n0:n1] = dy[n0:n1].transpose(0, 2, 3, 1)
-            over_blocks(np, block, n, dy.size)
-        dy_m = dy_l.reshape(-1, co)                                       # (N·Ho·Wo, Cout)
-        if need_db:
-            self.blobs[1].diff += dy_m.sum(axis=0)
-        if need_dw:
-            cols = self._im2col_nhwc(x, b, reuse=True)
-            dw = scratch(np, "dw", (co, cols.shape[1]), dy.dtype)
-            np.matmul(dy_m.T, cols, out=dw)                               # dW' (Cout, kh·kw·C)
-            self.blobs[0].diff += dw.reshape((co,) + self.kernel + (-1,)).transpose(0, 3, 1, 2)
-        if need_dx and self.transposed_pad is not None:
-            self._backward_data_tconv(dy_l, dx)
-        elif need_dx:
-            w = self._w_nhwc()
-            dcols = scratch(np, "cols", (dy_m.shape[0], w.shape[1]), dy.dtype)
-            np.matmul(dy_m, w, out=dcols)                                 # (N·Ho·Wo, kh·kw·C)
-            self._col2im_nhwc(dcols, dx)
-
-    def _backward_data_tconv(self, dy_l, dx):
-        """dX as the transposed convolution of a stride-1 layer: the convolution of dY,
-        padded by dilation·(k - 1) - pad, with W flipped in space and Cout <-> C:
-        dX(N·H·W, C) = patches of dY (N·H·W, kh·kw·Cout) @ W_rot (kh·kw·Cout, C)."""
-        (n, c, h, w), (kh, kw), co = dx.shape, self.kernel, self.num_output
-        wt = self.blobs[0].data                                           # (Cout, C, kh, kw)
-        w_rot = scratch(np, "w_rot", (kh, kw, co, c), wt.dtype)
-        w_rot[...] = wt[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
-        cols = scratch(np, "cols", (n, h, w, kh, kw, co), dy_l.dtype)
-        self._patches_nhwc(dy_l, cols, self.transposed_pad, (1, 1))
-        direct = is_channels_last(dx)
-        out = dx.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, h, w, c), dx.dtype)
-        np.matmul(cols.reshape(n * h * w, -1), w_rot.reshape(-1, c), out=out.reshape(-1, c))
-        if not direct:
-            def block(n0, n1):
-                dx[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
-            over_blocks(np, block, n, dx.size)
-
-    def _w_nhwc(self):
-        """W' (Cout, kh·kw·C): the weights in the NHWC patch order (a view of the
-        channels-last weight blob that reshape makes; a copy if it was replaced)."""
-        w = self.blobs[0].data
-        return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-
-    def _cols_buffer(self, xp, b, shape, dtype):
-        """Where the patches of bottom b go: the layer's own buffer when it keeps them
-        (b given), else the thread's scratch."""
-        if b is None or not self.keep_cols:
-            return scratch(xp, "cols", shape, dtype)
-        size = int(np.prod(shape))
-        buffers = self.__dict__.setdefault("_cols", {})
-        buf = buffers.get(b)
-        if buf is None or buf.dtype != dtype or buf.size < size:
-            buf = buffers[b] = np.empty(size, dtype)
-        return buf[:size].reshape(shape)
-
-    def _im2col_nhwc(self, x, b, reuse=False):
-        """X(N, C, H, W), either layout -> cols (N, Ho, Wo, kh, kw, C) viewed as (N·Ho·Wo, kh·kw·C);
-        `reuse`: the ones the forward kept, when it did."""
-        (n, c, _, _), (kh, kw), (ho, wo) = x.shape, self.kernel, self.out_hw
-        cols = self._cols_buffer(np, b, (n, ho, wo, kh, kw, c), x.dtype)
-        if not (reuse and self._cols_valid[b]):
-            self._patches_nhwc(x.transpose(0, 2, 3, 1), cols, self.pad, self.stride)
-        return cols.reshape(n * ho * wo, -1)
-
-    def _patches_nhwc(self, x, cols, pad, stride):
-        """cols (N, Ho, Wo, kh, kw, C) = the kernel's patches of x (N, H, W, C), any strides,
-        zero-padded by `pad`. Each patch row is read through one strided view of the padded
-        input, so with dilation 1 every copy moves runs of kw·C contiguous values."""
-        (n, h, w, c), (ph, pw), (sh, sw), (dh, dw) = x.shape, pad, stride, self.dilation
-        padded = scratch(np, "pad", (n, h + 2 * ph, w + 2 * pw, c), x.dtype)
-
-        def block(n0, n1):
-            p = padded[n0:n1]
-            _zero_border(p.transpose(1, 2, 0, 3), ph, pw, h, w)
-            p[:, ph:ph + h, pw:pw + w] = x[n0:n1]
-            s = p.strides
-            np.copyto(cols[n0:n1], as_strided(p, (n1 - n0,) + cols.shape[1:],
-                                               (s[0], sh * s[1], sw * s[2], dh * s[1], dw * s[2], s[3])))
-        over_blocks(np, block, n, cols.size)
-
-    def _col2im_nhwc(self, dcols, dx):
-        """dcols (N, Ho, Wo, kh, kw, C) -> dX(N, C, H, W), either layout: add each patch
-        back where it was read, a few images at a time so the padded sums stay in cache."""
-        (n, c, h, w), (kh, kw), (ph, pw), (ho, wo) = dx.shape, self.kernel, self.pad, self.out_hw
-        dcols = dcols.reshape(n, ho, wo, kh, kw, c)
-        padded = scratch(np, "pad", (n,) + self.padded_hw + (c,), dx.dtype)
-        step = max(1, COL2IM_BLOCK_BYTES // padded[0].nbytes)
-
-        def block(n0, n1):
-            for m0 in range(n0, n1, step):
-                m1 = min(m0 + step, n1)
-                p = padded[m0:m1]
-                p[...] = 0
-                for i, j, rs, cs in self._offsets():
-                    p[:, rs, cs] += dcols[m0:m1, :, :, i, j]
-                dx[m0:m1] = p[:, ph:ph + h, pw:pw + w].transpose(0, 3, 1, 2)
-        over_blocks(np, block, n, dcols.size)
-
     # --- layouts and patches ----------------------------------------------------
     def _to_nchw(self, xp, out, y):
         """y(N, Cout, Ho, Wo) = out(Cout, N, Ho, pitch)[..., :Wo] + bias."""
@@ -464,6 +313,18 @@ class ConvolutionLayer(Layer):
             for j in range(kw):
                 yield i, j, slice(i * dh, i * dh + sh * (ho - 1) + 1, sh), slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
 
+    def _cols_buffer(self, xp, b, shape, dtype):
+        """Where the patches of bottom b go: the layer's own buffer when it keeps them
+        (b given), else the thread's scratch."""
+        if b is None or not self.keep_cols:
+            return scratch(xp, "cols", shape, dtype)
+        size = int(np.prod(shape))
+        buffers = self.__dict__.setdefault("_cols", {})
+        buf = buffers.get(b)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = buffers[b] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
+
     def _im2col(self, xp, x, b=None, reuse=False):
         """X(N, C, H, W) -> cols (C, kh, kw, N, Ho, pitch) viewed as (g, C/g·kh·kw, N·Ho·pitch);
         `reuse`: the ones the forward kept for bottom b, when it did."""
@@ -474,7 +335,7 @@ class ConvolutionLayer(Layer):
         padded = scratch(xp, "pad", (n, c) + self.padded_hw, x.dtype)
 
         def block(c0, c1):
-            _zero_border(padded[:, c0:c1].transpose(2, 3, 0, 1), ph, pw, h, w)
+            zero_border(padded[:, c0:c1].transpose(2, 3, 0, 1), ph, pw, h, w)
             padded[:, c0:c1, ph:ph + h, pw:pw + w] = x[:, c0:c1]
             for i, j, window in self._windows(padded[:, c0:c1]):
                 cols[c0:c1, i, j] = window
@@ -493,11 +354,3 @@ class ConvolutionLayer(Layer):
                 window += dcols[c0:c1, i, j]
             dx[:, c0:c1] = padded[:, c0:c1, ph:ph + h, pw:pw + w]
         over_blocks(xp, block, c, dcols.size)
-
-
-def _zero_border(img, ph, pw, h, w):
-    """Zero all of img (Hp, Wp, ...) outside its [ph:ph+h, pw:pw+w] interior."""
-    img[:ph] = 0
-    img[ph + h:] = 0
-    img[:, :pw] = 0
-    img[:, pw + w:] = 0
