@@ -84,6 +84,11 @@ def test_what_prepare_net_changes():
     assert fused == {f"relu_conv{i}" for i in range(1, 6)}
     assert all(net.layer_dict[f"conv{i}"].fused_relu for i in range(1, 6))
     assert not net.layer_dict["conv6"].fused_relu
+    # The MAX pool after conv1 and conv2 (their only consumer) does their ReLU's backward.
+    assert [name for name in ("conv1", "conv2", "conv3", "conv5") if net.layer_dict[name].relu_grad_in_pool] == \
+        ["conv1", "conv2"]
+    assert net.layer_dict["pool1"].relu_mask and net.layer_dict["pool2"].relu_mask
+    assert not net.layer_dict["pool6"].relu_mask
     last = {name: is_channels_last(net.blobs[name].data) for name in net.blobs if net.blobs[name].data.ndim == 4}
     # NCHW-only consumers: conv2 (8 channels) of pool1, the 1x1 conv6 of conv5, InnerProduct of pool6.
     assert last == {"data": False, "conv1": True, "pool1": False, "conv2": True, "pool2": True, "conv3": True,

@@ -96,7 +96,9 @@ class ConvolutionLayer(NHWCConvolution, Layer):
                              f"must both be divisible by group ({self.group})")
         self.is_1x1 = self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)
         self.bias_term = p.bias_term
-        self.fused_relu = self.channels_last = False        # set by vggcaffe.cpu / vggcaffe.gpu prepare_net
+        # Set by vggcaffe.cpu / vggcaffe.gpu prepare_net (relu_grad_in_pool: the folded
+        # ReLU's backward is done by the MAX pool after it, see PoolingLayer.relu_mask).
+        self.fused_relu = self.channels_last = self.relu_grad_in_pool = False
         self.blobs = [Blob((self.num_output, self.channels // self.group) + self.kernel, self.dtype)]
         fill(self.blobs[0], p.weight_filler, self.rng)
         if self.bias_term:
@@ -224,7 +226,7 @@ class ConvolutionLayer(NHWCConvolution, Layer):
             return self._gpu.backward(top, propagate_down, bottom)
         for b, (x, y) in enumerate(zip(bottom, top)):
             for images in self._batch_slices():
-                if self.fused_relu:
+                if self.fused_relu and not self.relu_grad_in_pool:
                     self._relu_grad(y.data[images], y.diff[images])
                 if self.nhwc:
                     self._backward_nhwc(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])

@@ -49,7 +49,11 @@ class PoolingLayer(Layer):
         self.sh, self.sw = self._pair(p, "stride", "stride_h", "stride_w")
         self.ph, self.pw = self._pair(p, "pad", "pad_h", "pad_w")
         self.ceil_mode = p.round_mode == P.CEIL
-        self.channels_last = False          # set by vggcaffe.cpu.prepare_net
+        # Set by vggcaffe.cpu.prepare_net; relu_mask: the bottom is the output of a ReLU
+        # folded into a convolution, whose backward this MAX layer does: dY *= (Y > 0)
+        # before routing (Y > 0 exactly where the routed-to bottom value is).
+        self.channels_last = self.relu_mask = False
+        self._masked_dy = None
         if self.global_pooling and (self.sh, self.sw, self.ph, self.pw) != (1, 1, 0, 0):
             raise self.error("global_pooling takes only stride 1 and pad 0")
         if self.sh < 1 or self.sw < 1:
@@ -154,8 +158,18 @@ class PoolingLayer(Layer):
             if not (tiled and self.pool == P.MAX):      # there MAX's backward writes every element
                 dx.fill(0)
         if self.pool == P.MAX:
-            over_blocks(xp, lambda n0, n1: self._max_backward(xp, dx[n0:n1], dy[n0:n1], self.argmax[n0:n1]),
-                        N, dx.size)
+            y = top[0].data if self.relu_mask else None
+            if y is not None and (self._masked_dy is None or self._masked_dy.strides != dy.strides
+                                  or self._masked_dy.shape != dy.shape):
+                self._masked_dy = xp.empty_like(dy)
+
+            def block(n0, n1):
+                if y is None:
+                    self._max_backward(xp, dx[n0:n1], dy[n0:n1], self.argmax[n0:n1])
+                else:
+                    masked = xp.multiply(dy[n0:n1], y[n0:n1] > 0, out=self._masked_dy[n0:n1])
+                    self._max_backward(xp, dx[n0:n1], masked, self.argmax[n0:n1])
+            over_blocks(xp, block, N, dx.size)
         else:
             self._ave_backward(dx, dy / xp.asarray(self.window_size, dy.dtype))
         if dx is not bottom[0].diff:
