@@ -353,3 +353,9 @@ def test_reshape_drops_kept_cols(layout):
     got = backward_grads(layer, bottom, top, dy)
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_only_train_nets_keep_patches_for_the_backward():
+    params, shape, *_ = CASES["3x3 pad 1"]
+    assert make_layer(conv_text(params), [np.zeros(shape)])[0].keep_cols
+    assert not make_layer(conv_text(params), [np.zeros(shape)], phase="TEST")[0].keep_cols

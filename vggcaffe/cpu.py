@@ -12,8 +12,8 @@ nets, and blobs keep their logical (N, C, H, W) shape, so pycaffe-style access
 is unchanged.
 """
 from .blob import is_channels_last
-from .proto import caffe_pb2
 from .layers.relu import consumers, fold_relu
+from .proto import caffe_pb2
 
 # Layers whose forward and backward accept channels-last bottoms on NumPy.
 ANY_LAYOUT = ("ReLU", "Pooling", "Dropout")

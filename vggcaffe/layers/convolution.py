@@ -35,7 +35,7 @@ max(Y + b, 0), backward first does the ReLU's own in-place dY *= (Y > 0).
 Patch matrices live in a scratch buffer shared by all convolutions of a
 thread, so memory stays one layer's worth, and at most MAX_COLS_BYTES: a batch
 whose patch matrix would be larger goes through in slices of images. The
-backward rebuilds them, except on NumPy when a layer's whole batch of
+backward rebuilds them, except on NumPy in a TRAIN net when a layer's whole batch of
 patches fits MAX_CACHED_COLS_BYTES: then the forward writes them into a buffer
 of the layer, one per bottom, that the backward reads (valid from a forward
 until the next reshape or forward; the bottom's data must not change between
@@ -162,8 +162,8 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         if self.transposed_pad:
             image_cols_bytes = max(image_cols_bytes, self.num_output * kh * kw * h * w * bottom[0].data.dtype.itemsize)
         self.images_per_pass = max(1, MAX_COLS_BYTES // image_cols_bytes)
-        self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and self.images_per_pass >= n
-                          and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
+        self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and self.phase == "TRAIN"
+                          and self.images_per_pass >= n and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
         self._cols_valid = [False] * len(bottom)
         if self.nhwc:
             self.blobs[0].make_channels_last(keep_values=True)
