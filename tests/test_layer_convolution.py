@@ -54,6 +54,8 @@ CASES = {
     "3x3 narrowing": ("num_output: 2 kernel_size: 3 pad: 1", (2, 4, 5, 6), (1, 1), (1, 1), (1, 1), 1),
     "2x3 stride 1": ("num_output: 2 kernel_h: 2 kernel_w: 3 pad_h: 0 pad_w: 1", (1, 3, 5, 4),
                      (0, 1), (1, 1), (1, 1), 1),
+    "2x2 map": ("num_output: 3 kernel_size: 3 pad: 1", (2, 4, 2, 2), (1, 1), (1, 1), (1, 1), 1),
+    "2x3 map stride 2": ("num_output: 2 kernel_size: 3 pad: 1 stride: 2", (1, 3, 2, 3), (1, 1), (2, 2), (1, 1), 1),
     "1x1": ("num_output: 5 kernel_size: 1", (2, 3, 4, 3), (0, 0), (1, 1), (1, 1), 1),
     "1x1 group 3": ("num_output: 6 kernel_size: 1 group: 3", (2, 3, 3, 3), (0, 0), (1, 1), (1, 1), 3),
     "1x1 stride 2": ("num_output: 2 kernel_size: 1 stride: 2", (1, 3, 5, 5), (0, 0), (2, 2), (1, 1), 1),
@@ -209,7 +211,7 @@ def test_channel_change_on_reshape_is_an_error():
 
 
 NHWC_CASES = ["3x3 pad 1", "3x3 wide (flat windows)", "dilation 2 wide (flat windows)", "stride 2", "dilation 2",
-              "_h/_w", "two values", "3x3 narrowing", "2x3 stride 1"]
+              "_h/_w", "two values", "3x3 narrowing", "2x3 stride 1", "2x2 map", "2x3 map stride 2"]
 
 
 @pytest.fixture(params=[False, True], ids=["nchw", "nhwc"])
@@ -359,3 +361,13 @@ def test_only_train_nets_keep_patches_for_the_backward():
     params, shape, *_ = CASES["3x3 pad 1"]
     assert make_layer(conv_text(params), [np.zeros(shape)])[0].keep_cols
     assert not make_layer(conv_text(params), [np.zeros(shape)], phase="TEST")[0].keep_cols
+
+
+def test_maps_smaller_than_the_kernel_run_as_one_dense_matrix(monkeypatch):
+    monkeypatch.setattr(convolution, "FORCE_NHWC", True)
+    for name, dense in (("2x2 map", True), ("2x3 map stride 2", True), ("3x3 pad 1", False), ("stride 2", False)):
+        params, shape, *_ = CASES[name]
+        layer = make_layer(conv_text(params), [np.zeros(shape)])[0]
+        assert layer.dense == dense, name
+    # 2x2 input, 3x3 kernel, pad 1: each of the 4 outputs reads all 4 inputs.
+    assert len(make_layer(conv_text(CASES["2x2 map"][0]), [np.zeros((2, 4, 2, 2))])[0].dense_taps) == 16

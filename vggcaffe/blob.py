@@ -65,8 +65,7 @@ class Blob:
         when `keep_values`) unless they have it."""
         if not is_channels_last(self.data):
             n, c, h, w = self.shape
-            data = self._xp.zeros((n, h, w, c), self.dtype).transpose(0, 3, 1, 2)
-            diff = self._xp.zeros_like(data)
+            data, diff = (self._xp.zeros((n, h, w, c), self.dtype).transpose(0, 3, 1, 2) for _ in range(2))
             if keep_values:
                 data[...], diff[...] = self.data, self.diff
             self.data, self.diff = data, diff

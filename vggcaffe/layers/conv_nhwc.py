@@ -4,7 +4,8 @@ NHWCConvolution holds ConvolutionLayer's methods for one-group, non-1×1 layers
 that run in NHWC: patches of the padded NHWC input read through one strided
 view per batch block (runs of kw·C contiguous values), GEMMs against the
 weights in (Cout, kh, kw, C) order, the folded bias and ReLU, and the data
-gradient either as a transposed convolution (stride 1) or through col2im.
+gradient either as a transposed convolution (stride 1) or through col2im. On maps
+smaller than the kernel the layer is one dense matrix instead (`dense`).
 """
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -27,6 +28,65 @@ class NHWCConvolution:
         out = y.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, ho, wo, co), x.dtype)
         np.matmul(cols, self._w_nhwc().T, out=out.reshape(-1, co))       # (N·Ho·Wo, Cout)
         self._bias_relu_nhwc(out, y, direct)
+
+    def _nhwc_rows(self, a, slot):
+        """a (N, C, H, W) as an (N, H·W·C) matrix: a view of channels-last memory, else a copy."""
+        n, c, h, w = a.shape
+        if is_channels_last(a):
+            return a.transpose(0, 2, 3, 1).reshape(n, -1)
+        rows = scratch(np, slot, (n, h, w, c), a.dtype)
+
+        def block(n0, n1):
+            rows[n0:n1] = a[n0:n1].transpose(0, 2, 3, 1)
+        over_blocks(np, block, n, a.size)
+        return rows.reshape(n, -1)
+
+    # --- dense path: maps smaller than the kernel ---------------------------------
+    def _forward_dense(self, x, y):
+        """Y(N, Ho·Wo·Cout) = X(N, H·W·C) @ Tᵀ, the convolution written out as one matrix:
+        on maps smaller than the kernel (VGG's 2×2 conv5 at 32 px) most patch entries
+        would be padding, and T does a quarter to half of im2col's multiply-adds."""
+        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
+        t = self._dense_matrix()
+        direct = is_channels_last(y)
+        out = y.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, ho, wo, co), x.dtype)
+        np.matmul(self._nhwc_rows(x, "pad"), t.T, out=out.reshape(n, -1))
+        self._bias_relu_nhwc(out, y, direct)
+
+    def _dense_matrix(self):
+        """T (Ho·Wo·Cout, H·W·C): T[q, :, p, :] = W[:, :, i, j] for every input pixel p that
+        output pixel q reads through tap (i, j) (dense_taps), zero elsewhere. The layer's
+        buffer: zeroed once, its tap blocks rewritten on each forward (the weights change)
+        and reused by the backward."""
+        w = self.blobs[0].data                                            # (Cout, C, kh, kw)
+        (_, c, h, wd), (ho, wo), co = self.in_shape, self.out_hw, self.num_output
+        shape = (ho * wo, co, h * wd, c)
+        if getattr(self, "_dense_t", None) is None or self._dense_t.shape != shape or self._dense_t.dtype != w.dtype:
+            self._dense_t = np.zeros(shape, w.dtype)
+        for p, q, i, j in self.dense_taps:
+            self._dense_t[q, :, p, :] = w[:, :, i, j]
+        return self._dense_t.reshape(ho * wo * co, -1)
+
+    def _backward_dense(self, x, dx, dy, need_dx):
+        n, co = x.shape[0], self.num_output
+        dy_rows = self._nhwc_rows(dy, "out")                              # (N, Ho·Wo·Cout)
+        if self.bias_term and self.param_propagate_down[1]:
+            self.blobs[1].diff += dy_rows.reshape(-1, co).sum(axis=0)
+        if self.param_propagate_down[0]:
+            g = np.matmul(dy_rows.T, self._nhwc_rows(x, "pad"))          # (Ho·Wo·Cout, H·W·C)
+            g = g.reshape(self._dense_t.shape)
+            dw = self.blobs[0].diff
+            for p, q, i, j in self.dense_taps:
+                dw[:, :, i, j] += g[q, :, p, :]
+        if need_dx:
+            direct = is_channels_last(dx)
+            c, h, w = x.shape[1:]
+            out = dx.transpose(0, 2, 3, 1) if direct else scratch(np, "cols", (n, h, w, c), dx.dtype)
+            np.matmul(dy_rows, self._dense_t.reshape(-1, h * w * c), out=out.reshape(n, -1))
+            if not direct:
+                def block(n0, n1):
+                    dx[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
+                over_blocks(np, block, n, dx.size)
 
     def _bias_relu_nhwc(self, out, y, direct):
         """y(N, Cout, Ho, Wo), either layout = out(N, Ho, Wo, Cout) + bias, through the

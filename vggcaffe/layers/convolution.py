@@ -165,6 +165,13 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and self.phase == "TRAIN"
                           and self.images_per_pass >= n and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
         self._cols_valid = [False] * len(bottom)
+        # NHWC on a map smaller than the kernel (H·W < kh·kw): as one dense matrix, when it fits.
+        self.dense = (self.nhwc and h * w < kh * kw
+                      and h * w * ho * wo * c * self.num_output * bottom[0].data.dtype.itemsize <= MAX_CACHED_COLS_BYTES)
+        self.dense_taps = [(y * w + x, oy * wo + ox, i, j)
+                           for oy in range(ho) for ox in range(wo) for i in range(kh) for j in range(kw)
+                           for y, x in [(oy * sh - ph + i * dh, ox * sw - pw + j * dw)]
+                           if 0 <= y < h and 0 <= x < w] if self.dense else []
         if self.nhwc:
             self.blobs[0].make_channels_last(keep_values=True)
         for t in top:
@@ -189,7 +196,9 @@ class ConvolutionLayer(NHWCConvolution, Layer):
             return self._gpu.forward(bottom, top)
         for b, (x, y) in enumerate(zip(bottom, top)):
             for images in self._batch_slices():
-                if self.nhwc:
+                if self.dense:
+                    self._forward_dense(x.data[images], y.data[images])
+                elif self.nhwc:
                     self._forward_nhwc(b, x.data[images], y.data[images])
                 else:
                     self._forward_one(b, x.data[images], y.data[images])
@@ -228,7 +237,9 @@ class ConvolutionLayer(NHWCConvolution, Layer):
             for images in self._batch_slices():
                 if self.fused_relu and not self.relu_grad_in_pool:
                     self._relu_grad(y.data[images], y.diff[images])
-                if self.nhwc:
+                if self.dense:
+                    self._backward_dense(x.data[images], x.diff[images], y.diff[images], propagate_down[b])
+                elif self.nhwc:
                     self._backward_nhwc(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])
                 else:
                     self._backward_one(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])
