@@ -20,7 +20,7 @@ from .log import log, progress
 from .net import Net
 from .prototxt import read_solver
 from .snapshot import restore_state, write_snapshot
-from .threads import over_items
+from .threads import over_items, scratch
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "plateau")
 
@@ -168,18 +168,27 @@ class SGDSolver:
 
         def update(i0, i1):
             for blob, hist, lr_mult, decay_mult in updates[i0:i1]:
-                diff = blob.diff
-                if p.iter_size > 1:
-                    diff /= p.iter_size
-                decay = p.weight_decay * decay_mult
-                if decay:
-                    xp = backend.array_module(blob.data)
-                    diff += decay * (blob.data if p.regularization_type == "L2" else xp.sign(blob.data))
-                hist *= p.momentum
-                hist += (rate * lr_mult) * diff
-                blob.data -= hist
+                self._update_param(blob, hist, rate * lr_mult, p.weight_decay * decay_mult)
         xp = backend.array_module(params[0].data) if params else np
         over_items(xp, update, [b.count for b in params])
+
+    def _update_param(self, blob, hist, rate, decay):
+        """Caffe's SGD step for one param: diff = diff / iter_size + decay·(data, or sign(data)
+        for L1); history = momentum·history + rate·diff; data -= history. On NumPy over
+        cache-sized pieces of the three arrays' memory, with a scratch temporary."""
+        p = self.param
+        xp = backend.array_module(blob.data)
+        for data, diff, hist in _pieces(xp, blob.data, blob.diff, hist):
+            tmp = scratch(xp, "update", data.shape, data.dtype)
+            if p.iter_size > 1:
+                diff /= p.iter_size
+            if decay:
+                xp.multiply(data if p.regularization_type == "L2" else xp.sign(data, out=tmp), decay, out=tmp)
+                diff += tmp
+            hist *= p.momentum
+            xp.multiply(diff, rate, out=tmp)
+            hist += tmp
+            data -= hist
 
     def step(self, iters):
         """Run `iters` iterations (tests, display and snapshots as configured)."""
@@ -326,3 +335,13 @@ class SGDSolver:
             self.comm.decorrelate_rngs(self.net)
         log(f"Restored solver state from {path} at iteration {self.iter}", root=self.is_root)
 
+
+def _pieces(xp, *arrays, size=1 << 15):
+    """Matching pieces of `size` elements of the arrays (1-D views of their memory, in
+    memory order) when they share one layout and each is one block, so the several
+    passes of an update run in cache; otherwise the arrays themselves, whole."""
+    if xp is np and len({(a.shape, a.strides) for a in arrays}) == 1:
+        flats = [a.ravel(order="K") for a in arrays]
+        if all(np.may_share_memory(f, a) for f, a in zip(flats, arrays)):
+            return [[f[i:i + size] for f in flats] for i in range(0, flats[0].size, size)]
+    return [arrays]
