@@ -1,4 +1,6 @@
 """vggcaffe.cpu.prepare_net: folded ReLUs and channels-last blobs compute what the plain net does."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -108,8 +110,9 @@ def test_reshape_after_prepare_keeps_channels_last():
     assert run(net)[0] == pytest.approx(run(plain)[0], rel=1e-12)
 
 
-def test_solver_prepares_its_cpu_nets():
+def test_solver_prepares_its_cpu_nets(monkeypatch):
     from vggcaffe.solver import SGDSolver
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])        # the demo's paths are relative to the root
     solver = SGDSolver("models/demo_solver.prototxt")
     for net in [solver.net] + solver.test_nets:
         assert isinstance(net.layer_dict["relu1_1"], FusedReLU)
