@@ -24,7 +24,9 @@ so every copy moves runs of kw·C contiguous values:
     data grad     stride 1: dX(N·H·W, C) = patches of dY @ W rotated (a convolution, see
                   _backward_data_tconv); otherwise dcols = dY @ W', then col2im
 W' (Cout, kh·kw·C) is W in (Cout, kh, kw, C) order: the layer keeps its weight
-blob channels-last (vggcaffe.blob), so W' and dW' are views of it.
+blob channels-last (vggcaffe.blob), so W' and dW' are views of it. On a map smaller
+than the kernel (H·W < kh·kw) the NHWC layer is instead one dense (Ho·Wo·Cout, H·W·C)
+matrix, with no patches (`dense`, layers/conv_nhwc.py).
 
 Bottoms and tops may be channels-last blobs (vggcaffe.blob); `channels_last`
 (set by vggcaffe.cpu.prepare_net when every consumer accepts it) makes the
