@@ -21,36 +21,51 @@ class NHWCConvolution:
     """Mixin of ConvolutionLayer: the NHWC path (uses the layer's geometry and buffers)."""
 
     def _forward_nhwc(self, b, x, y):
-        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
+        co = self.num_output
         cols = self._im2col_nhwc(x, b)                                    # (N·Ho·Wo, kh·kw·C)
         self._cols_valid[b] = self.keep_cols
-        direct = is_channels_last(y)
-        out = y.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, ho, wo, co), x.dtype)
+        out, direct = self._nhwc_target(y, "out")
         np.matmul(cols, self._w_nhwc().T, out=out.reshape(-1, co))       # (N·Ho·Wo, Cout)
         self._bias_relu_nhwc(out, y, direct)
 
-    def _nhwc_rows(self, a, slot):
-        """a (N, C, H, W) as an (N, H·W·C) matrix: a view of channels-last memory, else a copy."""
-        n, c, h, w = a.shape
+    @staticmethod
+    def _as_nhwc(a, slot):
+        """a (N, C, H, W) as (N, H, W, C): a view of channels-last memory, else a copy in scratch."""
         if is_channels_last(a):
-            return a.transpose(0, 2, 3, 1).reshape(n, -1)
-        rows = scratch(np, slot, (n, h, w, c), a.dtype)
+            return a.transpose(0, 2, 3, 1)
+        n, c, h, w = a.shape
+        a_l = scratch(np, slot, (n, h, w, c), a.dtype)
 
         def block(n0, n1):
-            rows[n0:n1] = a[n0:n1].transpose(0, 2, 3, 1)
+            a_l[n0:n1] = a[n0:n1].transpose(0, 2, 3, 1)
         over_blocks(np, block, n, a.size)
-        return rows.reshape(n, -1)
+        return a_l
+
+    @staticmethod
+    def _nhwc_target(a, slot):
+        """(out, direct): where to compute a (N, C, H, W) as (N, H, W, C): a's own memory
+        when it is channels-last (direct), else scratch that _from_nhwc copies into a."""
+        if is_channels_last(a):
+            return a.transpose(0, 2, 3, 1), True
+        n, c, h, w = a.shape
+        return scratch(np, slot, (n, h, w, c), a.dtype), False
+
+    @staticmethod
+    def _from_nhwc(out, a):
+        """a (N, C, H, W) = out (N, H, W, C)."""
+        def block(n0, n1):
+            a[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
+        over_blocks(np, block, a.shape[0], a.size)
 
     # --- dense path: maps smaller than the kernel ---------------------------------
     def _forward_dense(self, x, y):
         """Y(N, Ho·Wo·Cout) = X(N, H·W·C) @ Tᵀ, the convolution written out as one matrix:
         on maps smaller than the kernel (VGG's 2×2 conv5 at 32 px) most patch entries
         would be padding, and T does a quarter to half of im2col's multiply-adds."""
-        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
+        n = x.shape[0]
         t = self._dense_matrix()
-        direct = is_channels_last(y)
-        out = y.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, ho, wo, co), x.dtype)
-        np.matmul(self._nhwc_rows(x, "pad"), t.T, out=out.reshape(n, -1))
+        out, direct = self._nhwc_target(y, "out")
+        np.matmul(self._as_nhwc(x, "pad").reshape(n, -1), t.T, out=out.reshape(n, -1))
         self._bias_relu_nhwc(out, y, direct)
 
     def _dense_matrix(self):
@@ -69,24 +84,20 @@ class NHWCConvolution:
 
     def _backward_dense(self, x, dx, dy, need_dx):
         n, co = x.shape[0], self.num_output
-        dy_rows = self._nhwc_rows(dy, "out")                              # (N, Ho·Wo·Cout)
+        dy_rows = self._as_nhwc(dy, "out").reshape(n, -1)                 # (N, Ho·Wo·Cout)
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff += dy_rows.reshape(-1, co).sum(axis=0)
         if self.param_propagate_down[0]:
-            g = np.matmul(dy_rows.T, self._nhwc_rows(x, "pad"))          # (Ho·Wo·Cout, H·W·C)
+            g = np.matmul(dy_rows.T, self._as_nhwc(x, "pad").reshape(n, -1))   # (Ho·Wo·Cout, H·W·C)
             g = g.reshape(self._dense_t.shape)
             dw = self.blobs[0].diff
             for p, q, i, j in self.dense_taps:
                 dw[:, :, i, j] += g[q, :, p, :]
         if need_dx:
-            direct = is_channels_last(dx)
-            c, h, w = x.shape[1:]
-            out = dx.transpose(0, 2, 3, 1) if direct else scratch(np, "cols", (n, h, w, c), dx.dtype)
-            np.matmul(dy_rows, self._dense_t.reshape(-1, h * w * c), out=out.reshape(n, -1))
+            out, direct = self._nhwc_target(dx, "cols")
+            np.matmul(dy_rows, self._dense_t.reshape(-1, out[0].size), out=out.reshape(n, -1))
             if not direct:
-                def block(n0, n1):
-                    dx[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
-                over_blocks(np, block, n, dx.size)
+                self._from_nhwc(out, dx)
 
     def _bias_relu_nhwc(self, out, y, direct):
         """y(N, Cout, Ho, Wo), either layout = out(N, Ho, Wo, Cout) + bias, through the
@@ -104,19 +115,12 @@ class NHWCConvolution:
         over_blocks(np, block, y.shape[0], y.size)
 
     def _backward_nhwc(self, b, x, dx, dy, need_dx):
-        n, (ho, wo), co = x.shape[0], self.out_hw, self.num_output
+        co = self.num_output
         need_dw = self.param_propagate_down[0]
         need_db = self.bias_term and self.param_propagate_down[1]
         if not (need_dw or need_db or need_dx):
             return
-        if is_channels_last(dy):
-            dy_l = dy.transpose(0, 2, 3, 1)
-        else:
-            dy_l = scratch(np, "out", (n, ho, wo, co), dy.dtype)
-
-            def block(n0, n1):
-                dy_l[n0:n1] = dy[n0:n1].transpose(0, 2, 3, 1)
-            over_blocks(np, block, n, dy.size)
+        dy_l = self._as_nhwc(dy, "out")                                   # (N, Ho, Wo, Cout)
         dy_m = dy_l.reshape(-1, co)                                       # (N·Ho·Wo, Cout)
         if need_db:
             self.blobs[1].diff += dy_m.sum(axis=0)
@@ -143,13 +147,10 @@ class NHWCConvolution:
         w_rot[...] = wt[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
         cols = scratch(np, "cols", (n, h, w, kh, kw, co), dy_l.dtype)
         self._patches_nhwc(dy_l, cols, self.transposed_pad, (1, 1))
-        direct = is_channels_last(dx)
-        out = dx.transpose(0, 2, 3, 1) if direct else scratch(np, "out", (n, h, w, c), dx.dtype)
+        out, direct = self._nhwc_target(dx, "out")
         np.matmul(cols.reshape(n * h * w, -1), w_rot.reshape(-1, c), out=out.reshape(-1, c))
         if not direct:
-            def block(n0, n1):
-                dx[n0:n1] = out[n0:n1].transpose(0, 3, 1, 2)
-            over_blocks(np, block, n, dx.size)
+            self._from_nhwc(out, dx)
 
     def _w_nhwc(self):
         """W' (Cout, kh·kw·C): the weights in the NHWC patch order (a view of the
