@@ -302,18 +302,25 @@ def backward_grads(layer, bottom, top, dy):
     return [b.diff.copy() for b in bottom] + [b.diff.copy() for b in layer.blobs]
 
 
-def test_kept_cols_follow_the_last_forward(layout):
-    params, shape, *_ = CASES["3x3 pad 1"]
-    rng = np.random.default_rng(10)
-    x1, x2, dy = rng.standard_normal(shape), rng.standard_normal(shape), rng.standard_normal((2, 4, 6, 5))
+def grads_after_another_forward(name, seed, dy_shape, before_backward):
+    """(layer, expected, got): the gradients for x2 right after its forward, and again after
+    a forward on x1, x2 put back, and before_backward(layer, bottom, top)."""
+    params, shape, *_ = CASES[name]
+    rng = np.random.default_rng(seed)
+    x1, x2, dy = rng.standard_normal(shape), rng.standard_normal(shape), rng.standard_normal(dy_shape)
     layer, bottom, top = make_layer(conv_text(params), [x2])
     layer.forward(bottom, top)
     expected = backward_grads(layer, bottom, top, dy)
     bottom[0].data[...] = x1
     layer.forward(bottom, top)
     bottom[0].data[...] = x2
-    layer.forward(bottom, top)
-    got = backward_grads(layer, bottom, top, dy)
+    before_backward(layer, bottom, top)
+    return layer, expected, backward_grads(layer, bottom, top, dy)
+
+
+def test_kept_cols_follow_the_last_forward(layout):
+    layer, expected, got = grads_after_another_forward("3x3 pad 1", 10, (2, 4, 6, 5),
+                                                       lambda layer, bottom, top: layer.forward(bottom, top))
     assert got[1].any()
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
@@ -342,17 +349,8 @@ def test_kept_cols_are_per_bottom(layout):
 
 
 def test_reshape_drops_kept_cols(layout):
-    params, shape, *_ = CASES["stride 2"]
-    rng = np.random.default_rng(12)
-    x1, x2, dy = rng.standard_normal(shape), rng.standard_normal(shape), rng.standard_normal((2, 3, 3, 3))
-    layer, bottom, top = make_layer(conv_text(params), [x2])
-    layer.forward(bottom, top)
-    expected = backward_grads(layer, bottom, top, dy)
-    bottom[0].data[...] = x1
-    layer.forward(bottom, top)
-    bottom[0].data[...] = x2
-    layer.reshape(bottom, top)
-    got = backward_grads(layer, bottom, top, dy)
+    _, expected, got = grads_after_another_forward("stride 2", 12, (2, 3, 3, 3),
+                                                   lambda layer, bottom, top: layer.reshape(bottom, top))
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
 
