@@ -20,10 +20,9 @@ COL2IM_BLOCK_BYTES = 1 << 19
 class NHWCConvolution:
     """Mixin of ConvolutionLayer: the NHWC path (uses the layer's geometry and buffers)."""
 
-    def _forward_nhwc(self, b, x, y):
+    def _forward_nhwc(self, x, y):
         co = self.num_output
-        cols = self._im2col_nhwc(x, b)                                    # (N·Ho·Wo, kh·kw·C)
-        self._cols_valid[b] = self.keep_cols
+        cols = self._im2col_nhwc(x)                                       # (N·Ho·Wo, kh·kw·C)
         out, direct = self._nhwc_target(y, "out")
         np.matmul(cols, self._w_nhwc().T, out=out.reshape(-1, co))       # (N·Ho·Wo, Cout)
         self._bias_relu_nhwc(out, y, direct)
@@ -114,7 +113,7 @@ class NHWCConvolution:
                 np.maximum(dst, 0, out=dst)
         over_blocks(np, block, y.shape[0], y.size)
 
-    def _backward_nhwc(self, b, x, dx, dy, need_dx):
+    def _backward_nhwc(self, x, dx, dy, need_dx):
         co = self.num_output
         need_dw = self.param_propagate_down[0]
         need_db = self.bias_term and self.param_propagate_down[1]
@@ -125,7 +124,7 @@ class NHWCConvolution:
         if need_db:
             self.blobs[1].diff += dy_m.sum(axis=0)
         if need_dw:
-            cols = self._im2col_nhwc(x, b, reuse=True)
+            cols = self._im2col_nhwc(x)
             dw = scratch(np, "dw", (co, cols.shape[1]), dy.dtype)
             np.matmul(dy_m.T, cols, out=dw)                               # dW' (Cout, kh·kw·C)
             self.blobs[0].diff += dw.reshape((co,) + self.kernel + (-1,)).transpose(0, 3, 1, 2)
@@ -158,13 +157,12 @@ class NHWCConvolution:
         w = self.blobs[0].data
         return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
-    def _im2col_nhwc(self, x, b, reuse=False):
-        """X(N, C, H, W), either layout -> cols (N, Ho, Wo, kh, kw, C) viewed as (N·Ho·Wo, kh·kw·C);
-        `reuse`: the ones the forward kept, when it did."""
+    def _im2col_nhwc(self, x):
+        """X(N, C, H, W), either layout -> cols (N, Ho, Wo, kh, kw, C) viewed as (N·Ho·Wo, kh·kw·C),
+        in the thread's scratch."""
         (n, c, _, _), (kh, kw), (ho, wo) = x.shape, self.kernel, self.out_hw
-        cols = self._cols_buffer(np, b, (n, ho, wo, kh, kw, c), x.dtype)
-        if not (reuse and self._cols_valid[b]):
-            self._patches_nhwc(x.transpose(0, 2, 3, 1), cols, self.pad, self.stride)
+        cols = scratch(np, "cols", (n, ho, wo, kh, kw, c), x.dtype)
+        self._patches_nhwc(x.transpose(0, 2, 3, 1), cols, self.pad, self.stride)
         return cols.reshape(n * ho * wo, -1)
 
     def _patches_nhwc(self, x, cols, pad, stride):

@@ -37,11 +37,14 @@ max(Y + b, 0), backward first does the ReLU's own in-place dY *= (Y > 0).
 Patch matrices live in a scratch buffer shared by all convolutions of a
 thread, so memory stays one layer's worth, and at most MAX_COLS_BYTES: a batch
 whose patch matrix would be larger goes through in slices of images. The
-backward rebuilds them, except on NumPy in a TRAIN net when a layer's whole batch of
-patches fits MAX_CACHED_COLS_BYTES: then the forward writes them into a buffer
-of the layer, one per bottom, that the backward reads (valid from a forward
-until the next reshape or forward; the bottom's data must not change between
-forward and backward, as in Caffe). On NumPy the copies run over blocks of
+backward rebuilds them, except in an NCHW layer on NumPy in a TRAIN net when its
+whole batch of patches fits MAX_CACHED_COLS_BYTES: then the forward writes them
+into a buffer of the layer, one per bottom, that the backward reads (valid from a
+forward until the next reshape or forward; the bottom's data must not change
+between forward and backward, as in Caffe). NHWC layers always rebuild: their
+patches are one strided copy of an input still in cache, and a kept buffer per
+layer (tens of MB for a VGG net) pushes the whole step's working set out to
+memory (measured on the demo: 4-5% slower per iteration with them kept). On NumPy the copies run over blocks of
 channels or images on all CPU cores (vggcaffe.threads); BLAS threads the GEMMs.
 """
 import numpy as np
@@ -56,7 +59,7 @@ from .conv_nhwc import NHWCConvolution, zero_border
 
 # Largest patch matrix built at once; bigger batches go through in slices of images.
 MAX_COLS_BYTES = 1 << 29
-# Largest NHWC patch matrix a layer keeps from forward to backward.
+# Largest NCHW patch matrix a layer keeps from forward to backward (and largest dense NHWC matrix).
 MAX_CACHED_COLS_BYTES = 1 << 26
 # None: each NumPy layer's layout comes from use_nhwc; True/False: forced where it applies.
 FORCE_NHWC = None
@@ -164,7 +167,8 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         if self.transposed_pad:
             image_cols_bytes = max(image_cols_bytes, self.num_output * kh * kw * h * w * bottom[0].data.dtype.itemsize)
         self.images_per_pass = max(1, MAX_COLS_BYTES // image_cols_bytes)
-        self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and self.phase == "TRAIN"
+        self.keep_cols = (array_module(bottom[0].data) is np and not self.is_1x1 and not self.nhwc
+                          and self.phase == "TRAIN"
                           and self.images_per_pass >= n and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
         self._cols_valid = [False] * len(bottom)
         # NHWC on a map smaller than the kernel (H·W < kh·kw): as one dense matrix, when it fits.
@@ -201,7 +205,7 @@ class ConvolutionLayer(NHWCConvolution, Layer):
                 if self.dense:
                     self._forward_dense(x.data[images], y.data[images])
                 elif self.nhwc:
-                    self._forward_nhwc(b, x.data[images], y.data[images])
+                    self._forward_nhwc(x.data[images], y.data[images])
                 else:
                     self._forward_one(b, x.data[images], y.data[images])
 
@@ -242,7 +246,7 @@ class ConvolutionLayer(NHWCConvolution, Layer):
                 if self.dense:
                     self._backward_dense(x.data[images], x.diff[images], y.diff[images], propagate_down[b])
                 elif self.nhwc:
-                    self._backward_nhwc(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])
+                    self._backward_nhwc(x.data[images], x.diff[images], y.diff[images], propagate_down[b])
                 else:
                     self._backward_one(b, x.data[images], x.diff[images], y.diff[images], propagate_down[b])
 
