@@ -164,31 +164,34 @@ class SGDSolver:
                              [p.weight_decay * m for m in self.net.decay_mults], p.momentum,
                              max(1, p.iter_size), p.regularization_type == "L1")
             return
-        updates = list(zip(params, self.history, self.net.lr_mults, self.net.decay_mults))
+        xp = backend.array_module(params[0].data) if params else np
+        # Cache-sized pieces of every param, shared out over the cores by size (whole
+        # params would leave a core idle: VGG's last convolutions hold most of the weights).
+        pieces = [(arrays, rate * lr_mult, p.weight_decay * decay_mult)
+                  for blob, hist, lr_mult, decay_mult in zip(params, self.history, self.net.lr_mults,
+                                                             self.net.decay_mults)
+                  for arrays in _pieces(xp, blob.data, blob.diff, hist)]
 
         def update(i0, i1):
-            for blob, hist, lr_mult, decay_mult in updates[i0:i1]:
-                self._update_param(blob, hist, rate * lr_mult, p.weight_decay * decay_mult)
-        xp = backend.array_module(params[0].data) if params else np
-        over_items(xp, update, [b.count for b in params])
+            for (data, diff, hist), piece_rate, decay in pieces[i0:i1]:
+                self._update_piece(xp, data, diff, hist, piece_rate, decay)
+        over_items(xp, update, [arrays[0].size for arrays, _, _ in pieces])
 
-    def _update_param(self, blob, hist, rate, decay):
-        """Caffe's SGD step for one param: diff = diff / iter_size + decay·(data, or sign(data)
-        for L1); history = momentum·history + rate·diff; data -= history. On NumPy over
-        cache-sized pieces of the three arrays' memory, with a scratch temporary."""
+    def _update_piece(self, xp, data, diff, hist, rate, decay):
+        """Caffe's SGD step on (a piece of) one param: diff = diff / iter_size + decay·(data,
+        or sign(data) for L1); history = momentum·history + rate·diff; data -= history.
+        With a scratch temporary of the thread."""
         p = self.param
-        xp = backend.array_module(blob.data)
-        for data, diff, hist in _pieces(xp, blob.data, blob.diff, hist):
-            tmp = scratch(xp, "update", data.shape, data.dtype)
-            if p.iter_size > 1:
-                diff /= p.iter_size
-            if decay:
-                xp.multiply(data if p.regularization_type == "L2" else xp.sign(data, out=tmp), decay, out=tmp)
-                diff += tmp
-            hist *= p.momentum
-            xp.multiply(diff, rate, out=tmp)
-            hist += tmp
-            data -= hist
+        tmp = scratch(xp, "update", data.shape, data.dtype)
+        if p.iter_size > 1:
+            diff /= p.iter_size
+        if decay:
+            xp.multiply(data if p.regularization_type == "L2" else xp.sign(data, out=tmp), decay, out=tmp)
+            diff += tmp
+        hist *= p.momentum
+        xp.multiply(diff, rate, out=tmp)
+        hist += tmp
+        data -= hist
 
     def step(self, iters):
         """Run `iters` iterations (tests, display and snapshots as configured)."""
@@ -336,10 +339,13 @@ class SGDSolver:
         log(f"Restored solver state from {path} at iteration {self.iter}", root=self.is_root)
 
 
-def _pieces(xp, *arrays, size=1 << 15):
+def _pieces(xp, *arrays, size=1 << 18):
     """Matching pieces of `size` elements of the arrays (1-D views of their memory, in
     memory order) when they share one layout and each is one block, so the several
-    passes of an update run in cache; otherwise the arrays themselves, whole."""
+    passes of an update mostly find a piece in cache; otherwise the arrays themselves,
+    whole. 2^18 (1 MB of float32) measured fastest on the demo net's update with the
+    history coming from memory, as in training: 3.4 ms against 6.4 for 2^15 and 3.7
+    for whole arrays."""
     if xp is np and len({(a.shape, a.strides) for a in arrays}) == 1:
         flats = [a.ravel(order="K") for a in arrays]
         if all(np.may_share_memory(f, a) for f, a in zip(flats, arrays)):
