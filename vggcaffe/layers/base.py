@@ -20,6 +20,21 @@ from ..errors import VggcaffeError
 
 LAYER_TYPES = {}
 V1_TYPE_NAMES = {}
+_ONES = {}
+
+
+def add_sums(a, out, axis):
+    """out += a.sum(axis) for a 2-D array. On NumPy as a GEMV with a vector of ones,
+    as Caffe's bias gradients use its bias_multiplier: BLAS runs it on all cores, about
+    3× faster than NumPy's one-core summing reduction on a convolution's dY."""
+    if not isinstance(a, np.ndarray):
+        out += a.sum(axis=axis)
+        return
+    n, key = a.shape[axis], a.dtype.str
+    if key not in _ONES or _ONES[key].size < n:
+        _ONES[key] = np.ones(n, a.dtype)
+    ones = _ONES[key][:n]
+    out += np.matmul(ones, a) if axis == 0 else np.matmul(a, ones)
 
 
 def register(type_name, v1_name=None):

@@ -12,6 +12,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..blob import is_channels_last
 from ..threads import over_blocks, scratch
+from .base import add_sums
 
 # Padded NHWC gradient summed at once by col2im (so it stays in a core's L2 cache).
 COL2IM_BLOCK_BYTES = 1 << 19
@@ -85,7 +86,7 @@ class NHWCConvolution:
         n, co = x.shape[0], self.num_output
         dy_rows = self._as_nhwc(dy, "out").reshape(n, -1)                 # (N, Ho·Wo·Cout)
         if self.bias_term and self.param_propagate_down[1]:
-            self.blobs[1].diff += dy_rows.reshape(-1, co).sum(axis=0)
+            add_sums(dy_rows.reshape(-1, co), self.blobs[1].diff, axis=0)
         if self.param_propagate_down[0]:
             g = np.matmul(dy_rows.T, self._as_nhwc(x, "pad").reshape(n, -1))   # (Ho·Wo·Cout, H·W·C)
             g = g.reshape(self._dense_t.shape)
@@ -122,7 +123,7 @@ class NHWCConvolution:
         dy_l = self._as_nhwc(dy, "out")                                   # (N, Ho, Wo, Cout)
         dy_m = dy_l.reshape(-1, co)                                       # (N·Ho·Wo, Cout)
         if need_db:
-            self.blobs[1].diff += dy_m.sum(axis=0)
+            add_sums(dy_m, self.blobs[1].diff, axis=0)
         if need_dw:
             cols = self._im2col_nhwc(x)
             dw = scratch(np, "dw", (co, cols.shape[1]), dy.dtype)

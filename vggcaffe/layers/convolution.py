@@ -54,7 +54,7 @@ from ..blob import Blob, is_channels_last
 from ..errors import VggcaffeError
 from ..fillers import fill
 from ..threads import over_blocks, scratch
-from .base import Layer, register
+from .base import Layer, add_sums, register
 from .conv_nhwc import NHWCConvolution, zero_border
 
 # Largest patch matrix built at once; bigger batches go through in slices of images.
@@ -269,7 +269,7 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         elif need_dw or need_db or (need_dx and not self.is_1x1):
             dy_g = self._channels_first(xp, dy, "out", self.pitch).reshape(g, co // g, -1)
         if need_db:
-            self.blobs[1].diff += dy_g.reshape(co, -1).sum(axis=1)
+            add_sums(dy_g.reshape(co, -1), self.blobs[1].diff, axis=1)
         if need_dw:
             cols = self._im2col(xp, x, b, reuse=True) if not self.is_1x1 else \
                 self._channels_first(xp, x, "cols", x.shape[3]).reshape(g, c // g, -1)

@@ -12,7 +12,7 @@ from ..backend import array_module
 from ..blob import Blob
 from ..errors import VggcaffeError
 from ..fillers import fill
-from .base import Layer, register
+from .base import Layer, add_sums, register
 
 
 @register("InnerProduct", "INNER_PRODUCT")
@@ -72,7 +72,7 @@ class InnerProductLayer(Layer):
             else:
                 add_transposed_product(dy, x, self.blobs[0].diff)    # (N_out, K) += dyᵀ·x
         if self.bias_term and self.param_propagate_down[1]:
-            self.blobs[1].diff += dy.sum(axis=0)
+            add_sums(dy, self.blobs[1].diff, axis=0)
         if propagate_down[0]:
             xp.matmul(dy, self._weight(self.blobs[0].data).T, out=bottom[0].diff.reshape(self.m, self.k))
 
