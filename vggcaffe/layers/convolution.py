@@ -42,9 +42,8 @@ whole batch of patches fits MAX_CACHED_COLS_BYTES: then the forward writes them
 into a buffer of the layer, one per bottom, that the backward reads (valid from a
 forward until the next reshape or forward; the bottom's data must not change
 between forward and backward, as in Caffe). NHWC layers always rebuild: their
-patches are one strided copy of an input still in cache, and a kept buffer per
-layer (tens of MB for a VGG net) pushes the whole step's working set out to
-memory (measured on the demo: 4-5% slower per iteration with them kept). On NumPy the copies run over blocks of
+patches are one strided copy of an input still in cache, measured as fast as
+keeping them on the demo net, which saves a buffer per layer (70 MB there). On NumPy the copies run over blocks of
 channels or images on all CPU cores (vggcaffe.threads); BLAS threads the GEMMs.
 """
 import numpy as np
