@@ -5,6 +5,7 @@ import pytest
 from tests.gradient_check import check_gradient, make_layer
 from vggcaffe.errors import VggcaffeError
 from vggcaffe.layers import V1_TYPE_NAMES
+from vggcaffe.layers.base import add_sums
 
 
 def ref_inner_product(x, w, b, axis, transpose):
@@ -87,3 +88,15 @@ def test_bad_axis_and_num_output():
         make_layer(ip_text(axis=4), [np.zeros((2, 3, 2, 2))])
     with pytest.raises(VggcaffeError, match="num_output must be positive"):
         make_layer(ip_text(num_output=0), [np.zeros((2, 3))])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_sums_by_gemv_match_numpy_and_accumulate(dtype):
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((700, 12)).astype(dtype)
+    for view, axis in [(a, 0), (a, 1), (a.T, 0), (a.T, 1), (a[::2, 3:], 0)]:
+        out = np.ones(view.shape[1 - axis], dtype)
+        add_sums(view, out, axis)
+        add_sums(view, out, axis)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(out, 1 + 2 * view.astype(np.float64).sum(axis=axis), rtol=tol, atol=tol * 30)

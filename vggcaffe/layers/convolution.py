@@ -43,8 +43,9 @@ into a buffer of the layer, one per bottom, that the backward reads (valid from 
 forward until the next reshape or forward; the bottom's data must not change
 between forward and backward, as in Caffe). NHWC layers always rebuild: their
 patches are one strided copy of an input still in cache, measured as fast as
-keeping them on the demo net, which saves a buffer per layer (70 MB there). On NumPy the copies run over blocks of
-channels or images on all CPU cores (vggcaffe.threads); BLAS threads the GEMMs.
+keeping them on the demo net, which saves a buffer per layer (70 MB there).
+On NumPy the copies run over blocks of channels or images on all CPU cores
+(vggcaffe.threads); BLAS threads the GEMMs.
 """
 import numpy as np
 
