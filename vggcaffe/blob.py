@@ -14,14 +14,31 @@ class Blob:
     """Holds `data` and `diff`, two arrays of one shape and dtype.
 
     As in pycaffe, `blob.data[...] = x` writes in place; `reshape` keeps the
-    arrays when the element count does not change.
+    arrays when the element count does not change. The diff is allocated (zeros,
+    data's layout) when first used, so blobs that never see a backward pass, as
+    in TEST nets, hold no diff memory.
     """
 
     def __init__(self, shape=(), dtype=np.float32, xp=None):
         self._xp = xp or backend.xp()
         self.dtype = np.dtype(dtype)
         self.data = self._xp.zeros(tuple(int(d) for d in shape), self.dtype)
-        self.diff = self._xp.zeros_like(self.data)
+        self._diff = None
+
+    @property
+    def diff(self):
+        if self._diff is None:
+            self._diff = self._zeros_like_data()
+        return self._diff
+
+    @diff.setter
+    def diff(self, value):
+        self._diff = value
+
+    @property
+    def has_diff(self):
+        """True once the diff array exists."""
+        return self._diff is not None
 
     @property
     def shape(self):
@@ -55,20 +72,36 @@ class Blob:
             return
         if int(np.prod(shape, dtype=np.int64)) == self.data.size:
             self.data = self.data.reshape(shape)
-            self.diff = self.diff.reshape(shape)
+            if self._diff is not None:
+                self._diff = self._diff.reshape(shape)
         else:
             self.data = self._xp.zeros(shape, self.dtype)
-            self.diff = self._xp.zeros_like(self.data)
+            self._diff = None
 
-    def make_channels_last(self, keep_values=False):
-        """Give data and diff NHWC memory (same shape; zeroed, or with their values
-        when `keep_values`) unless they have it."""
-        if not is_channels_last(self.data):
+    def make_channels_last(self, keep_values=False, dtype=None):
+        """Give data and diff NHWC memory (same shape; zeroed, the diff when next
+        used, or with their values when `keep_values`) unless they have it. `dtype`
+        changes the storage type too (the GPU's bf16 mode keeps some blobs as
+        bfloat16 bits in uint16)."""
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        if not is_channels_last(self.data) or self.data.dtype != dtype:
             n, c, h, w = self.shape
-            data, diff = (self._xp.zeros((n, h, w, c), self.dtype).transpose(0, 3, 1, 2) for _ in range(2))
+            data = self._xp.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+            diff = None
             if keep_values:
-                data[...], diff[...] = self.data, self.diff
-            self.data, self.diff = data, diff
+                data[...] = self.data
+                if self._diff is not None:
+                    diff = self._zeros_like_data(data)
+                    diff[...] = self._diff
+            self.data, self._diff, self.dtype = data, diff, dtype
+
+    def _zeros_like_data(self, data=None):
+        """Zeros of data's shape, dtype and layout (channels-last or C order)."""
+        data = self.data if data is None else data
+        if is_channels_last(data) and not data.flags.c_contiguous:
+            n, c, h, w = data.shape
+            return self._xp.zeros((n, h, w, c), data.dtype).transpose(0, 3, 1, 2)
+        return self._xp.zeros(data.shape, data.dtype)
 
     def share_data(self, other):
         """Use `other`'s data array (same memory)."""
