@@ -303,7 +303,7 @@ class Net:
             w = self.loss_weights.get((i, t))
             if w is not None:
                 blob.diff[...] = w
-                loss += w * float(blob.data.sum())
+                loss = loss + w * blob.data.sum(dtype=np.float64)    # on the GPU a device scalar: no sync
         return loss
 
     def _index(self, name, default):
@@ -315,6 +315,10 @@ class Net:
 
     def forward_loss(self, start=None, end=None):
         """Run layers start..end (inclusive); returns the total weighted loss."""
+        return float(self._forward_range(start, end))
+
+    def _forward_range(self, start=None, end=None):
+        """forward_loss without reading the loss back (a device scalar on the GPU)."""
         lo, hi = self._index(start, 0), self._index(end, len(self.layers) - 1)
         return sum(self._forward_layer(i) for i in range(lo, hi + 1))
 
@@ -326,9 +330,11 @@ class Net:
                 self.layers[i].backward(self._tops[i], self._bottom_need[i], self._bottoms[i])
 
     def forward_backward(self):
-        loss = self.forward_loss()
+        """Forward and backward; the loss is read back once backward is queued, so on the
+        GPU the device does not wait for the host between the two."""
+        loss = self._forward_range()
         self.backward_all()
-        return loss
+        return float(loss)
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's Net.forward: set inputs, run, return {output: data}."""

@@ -107,12 +107,14 @@ class SoftmaxWithLossLayer(Layer):
         onehot = xp.arange(dx.shape[1]).reshape(1, -1, 1) == self.label[:, None, :]
         dx -= onehot
         dx *= self.valid[:, None, :]
-        weight = top[0].diff.flat[0] / self.normalizer
+        # The loss weight as a host number on the CPU, a device array on the GPU (no sync).
+        weight = (top[0].diff.flat[0] if xp is np else top[0].diff.reshape(1, 1, 1)) / self.normalizer
         bottom[0].diff[...] = (dx * weight).reshape(bottom[0].shape)
 
     def _normalizer(self, valid):
-        """Caffe's get_normalizer; the VALID count comes from the device (one sync)."""
-        if self.normalization == L.FULL:
+        """Caffe's get_normalizer; the VALID count comes from the device (one sync) when
+        there is an ignore_label, else it is every prediction."""
+        if self.normalization == L.FULL or (self.normalization == L.VALID and self.ignore_label is None):
             n = self.outer * self.inner
         elif self.normalization == L.VALID:
             n = float(valid.sum())
