@@ -40,7 +40,8 @@ def cpu_mode_after():
 
 
 def rel_err(gpu, cpu):
-    g = cupy.asnumpy(gpu).astype(np.float64)
+    from vggcaffe.gpu.kernels import as_float32
+    g = cupy.asnumpy(as_float32(gpu)).astype(np.float64)
     c = np.asarray(cpu, dtype=np.float64)
     assert g.shape == c.shape and np.all(np.isfinite(g))
     return np.linalg.norm(g - c) / max(np.linalg.norm(c), 1e-30)
@@ -97,6 +98,20 @@ def compare_layer(text, arrays, bound=1e-5, phase="TRAIN", n_tops=1, backward_bo
 
 def randn(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def round_bf16(a):
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).reshape(np.shape(a))
+
+
+def to_bf16_blob(blob, values):
+    """Make `blob` a channels-last bfloat16 blob holding `values` (rounded)."""
+    from vggcaffe.gpu.kernels import BF16, assign
+    blob.make_channels_last(dtype=BF16)
+    assign(blob.data, values)
 
 
 # --- kernels ----------------------------------------------------------------------
@@ -158,19 +173,27 @@ def conv_text(name):
     return f"name: 'c' type: 'Convolution' convolution_param {{ {CONV[name][0]} {FILLERS} }}"
 
 
-def run_conv(name, precision, fused_relu, channels_last):
-    """The cuDNN layer (optionally with the ReLU folded in, NHWC blobs) against
-    NumPy convolution followed by NumPy ReLU."""
+def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False):
+    """The cuDNN layer (optionally with the ReLU folded in, NHWC blobs, bfloat16
+    bottom and top as prepare_net makes them in bf16) against NumPy convolution
+    followed by NumPy ReLU."""
     from vggcaffe.gpu.conv import CudnnConv
+    from vggcaffe.gpu.kernels import BF16, assign
     text, shape = conv_text(name), CONV[name][1]
     x, dy = randn(*shape, seed=1), None
+    if bf16_blobs:
+        x = round_bf16(x)
     cpu, cb, ct = build(text, [x], False)
     gpu, gb, gt = build(text, [x], True, channels_last_bottom=channels_last)
     from vggcaffe.gpu import set_precision
     set_precision(precision)
     assert isinstance(gpu._gpu, CudnnConv)
     gpu.fused_relu, gpu.channels_last = fused_relu, channels_last
+    if bf16_blobs:
+        to_bf16_blob(gb[0], x)
+        gpu.top_dtype = BF16
     gpu.reshape(gb, gt)
+    assert gt[0].data.dtype == (BF16 if bf16_blobs else np.float32)
     cpu.forward(cb, ct)
     if fused_relu:
         np.maximum(ct[0].data, 0, out=ct[0].data)
@@ -178,8 +201,11 @@ def run_conv(name, precision, fused_relu, channels_last):
     bound = BOUND[precision]
     assert rel_err(gt[0].data, ct[0].data) <= bound, "forward"
     dy = randn(*ct[0].shape, seed=2)
-    gt[0].diff[...] = cupy.asarray(dy)
-    gt[0].data[...] = cupy.asarray(ct[0].data)   # the ReLU mask from the same Y on both sides
+    if bf16_blobs:
+        dy = round_bf16(dy)
+        ct[0].data[...] = round_bf16(ct[0].data)
+    assign(gt[0].diff, dy)
+    assign(gt[0].data, ct[0].data)               # the ReLU mask from the same Y on both sides
     ct[0].diff[...] = dy * (ct[0].data > 0) if fused_relu else dy
     cpu.backward(ct, [True], cb)
     gpu.backward(gt, [True], gb)
@@ -200,8 +226,11 @@ def test_conv_plans_are_autotuned():
     from vggcaffe.gpu import cudnn_conv
     if not cudnn_conv.AUTOTUNE:
         pytest.skip("VGGCAFFE_CUDNN_AUTOTUNE=0")
+    from vggcaffe.gpu.conv import CHANNEL_ALIGN
     run_conv("3x3_pad1", "tf32", True, True)
-    shape = CONV["3x3_pad1"][1]
+    n, c, h, w = CONV["3x3_pad1"][1]
+    align = CHANNEL_ALIGN["tf32"]
+    shape = (n, -(-c // align) * align, h, w)         # the zero-padded input cuDNN sees
     tuned = [(k[0], p) for k, p in cudnn_conv._graphs.items()
              if k[-1] == "tf32" and k[0] != "bias_grad" and shape in k]
     assert {kind for kind, _ in tuned} >= {"fprop", "dgrad", "wgrad"}
@@ -214,6 +243,13 @@ def test_conv_plans_are_autotuned():
 @pytest.mark.parametrize("fused_relu,channels_last", [(False, False), (True, True)])
 def test_conv_reduced_precision(precision, name, fused_relu, channels_last):
     run_conv(name, precision, fused_relu, channels_last)
+
+
+@pytest.mark.parametrize("name", ["3x3_pad1", "3x3_stride2", "1x1", "no_bias"])
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_conv_bf16_blobs(name, fused_relu):
+    """bf16 with bfloat16 channels-last bottom and top: cuDNN reads and writes them directly."""
+    run_conv(name, "bf16", fused_relu, True, bf16_blobs=True)
 
 
 # --- the other layers ----------------------------------------------------------------
@@ -240,6 +276,35 @@ def test_max_pool_kernel(pool, shape, channels_last):
         return fast
     compare_layer(f"name: 'p' type: 'Pooling' pooling_param {{ pool: MAX {pool} }}", [randn(*shape)],
                   channels_last_bottom=channels_last, setup_gpu=swap)
+
+
+@pytest.mark.parametrize("top_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("pool", ["kernel_size: 2 stride: 2", "kernel_size: 3 stride: 2 pad: 1"])
+def test_max_pool_bf16_and_relu_mask(pool, top_dtype):
+    """The MAX pool kernel on a bfloat16 channels-last bottom (a folded ReLU's output),
+    top in bfloat16 or float32, doing the ReLU's backward (relu_mask): against NumPy
+    pooling of the same rounded values with dY masked by Y > 0."""
+    from vggcaffe.gpu.kernels import BF16, assign
+    from vggcaffe.gpu.pooling import MaxPoolGPU
+    text = f"name: 'p' type: 'Pooling' pooling_param {{ pool: MAX {pool} }}"
+    x = round_bf16(np.maximum(randn(2, 16, 9, 7, seed=8), 0))
+    cpu, cb, ct = build(text, [x], False)
+    gpu, gb, gt = build(text, [x], True, channels_last_bottom=True)
+    to_bf16_blob(gb[0], x)
+    fast = MaxPoolGPU(gpu)
+    fast.channels_last, fast.relu_mask = True, True
+    fast.top_dtype = np.dtype(BF16 if top_dtype == "bf16" else np.float32)
+    fast.reshape(gb, gt)
+    assert gt[0].data.dtype == fast.top_dtype
+    cpu.forward(cb, ct)
+    fast.forward(gb, gt)
+    assert rel_err(gt[0].data, ct[0].data) == 0, "forward"
+    dy = round_bf16(randn(*ct[0].shape, seed=9))
+    assign(gt[0].diff, dy)
+    ct[0].diff[...] = dy * (ct[0].data > 0)
+    cpu.backward(ct, [True], cb)
+    fast.backward(gt, [True], gb)
+    assert rel_err(gb[0].diff, cb[0].diff) <= 1e-2, "dX"
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -347,13 +412,22 @@ def _gpu_vgg16(param, params, precision):
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_vgg16_forward_backward(vgg16_cpu, precision):
-    """Every layer of VGG-16 (the ReLUs folded into the convolutions, channels-last),
-    forward and backward, fed the NumPy run's inputs and top gradients layer by layer
-    (so a ReLU or max-pool decision flipped by rounding upstream cannot reroute a
-    whole gradient), and the end-to-end loss and scores."""
+    """Every layer of VGG-16 (the ReLUs folded into the convolutions, the MAX pools doing
+    the ReLU backward before them, channels-last; in bf16 the activations between
+    convolutions and pools held as bfloat16), forward and backward, fed the NumPy run's
+    inputs and top gradients layer by layer (so a ReLU or max-pool decision flipped by
+    rounding upstream cannot reroute a whole gradient), and the end-to-end loss and scores."""
     from vggcaffe.gpu import FusedReLU
+    from vggcaffe.gpu.kernels import BF16, assign
     param, rec, loss, params = vgg16_cpu
     net = _gpu_vgg16(param, params, precision)
+    bf16_blobs = [name for name, blob in net.blobs.items() if blob.data.dtype == BF16]
+    if precision == "bf16":
+        assert {"conv1_1", "conv1_2", "pool1", "conv5_3"} <= set(bf16_blobs) and "pool5" not in bf16_blobs
+    else:
+        assert not bf16_blobs
+    assert net.layer_dict["conv1_2"].relu_grad_in_pool and net.layer_dict["pool1"].relu_mask
+    assert not net.layer_dict["conv1_1"].relu_grad_in_pool
     errors = {}
     for i, layer in enumerate(net.layers):
         if isinstance(layer, FusedReLU):
@@ -361,30 +435,85 @@ def test_vgg16_forward_backward(vgg16_cpu, precision):
         out = rec[i + 1] if getattr(layer, "fused_relu", False) else rec[i]
         if layer.type == "Input":
             for t, y in zip(net._tops[i], out["y"]):
-                t.data[...] = cupy.asarray(y)
+                assign(t.data, y)
             continue
         for b, x in zip(net._bottoms[i], rec[i]["x"]):
-            b.data[...] = cupy.asarray(x)
+            assign(b.data, x)
         net._forward_layer(i)
         for k, (t, y) in enumerate(zip(net._tops[i], out["y"])):
             errors[f"{layer.name} top[{k}]"] = rel_err(t.data, y)
         if not net._need_backward[i]:
             continue
-        for t, y, dy in zip(net._tops[i], out["y"], out["dy"]):
-            t.data[...], t.diff[...] = cupy.asarray(y), cupy.asarray(dy)
+        # A convolution whose ReLU's backward the pool did is fed the masked dY.
+        dys = rec[i]["dy"] if getattr(layer, "relu_grad_in_pool", False) else out["dy"]
+        for t, y, dy in zip(net._tops[i], out["y"], dys):
+            assign(t.data, y)
+            assign(t.diff, dy)
         for blob in layer.blobs:
             blob.diff[...] = 0
         layer.backward(net._tops[i], net._bottom_need[i], net._bottoms[i])
-        for k, (b, dx) in enumerate(zip(net._bottoms[i], rec[i]["dx"])):
+        # A pool with relu_mask also did the folded ReLU's backward (the layer before it).
+        dxs = rec[i - 1]["dx"] if getattr(layer, "relu_mask", False) else rec[i]["dx"]
+        if layer.type == "Pooling" and net._bottoms[i][0].data.dtype == BF16:
+            # Its maxima were taken over bfloat16-rounded inputs, so near-ties can go to
+            # another element than in float32: the reference pools the rounded values.
+            top_bf16 = net._tops[i][0].data.dtype == BF16
+            dxs = [pool_reference(layer, rec[i]["x"][0], rec[i]["dy"][0], top_bf16)]
+        for k, (b, dx) in enumerate(zip(net._bottoms[i], dxs)):
             if net._bottom_need[i][k]:
                 errors[f"{layer.name} bottom[{k}] diff"] = rel_err(b.diff, dx)
         for j, (blob, dw) in enumerate(zip(layer.blobs, rec[i]["dw"])):
             errors[f"{layer.name} param[{j}] diff"] = rel_err(blob.diff, dw)
     net = _gpu_vgg16(param, params, precision)
     for name, x in zip(net.inputs, rec[0]["y"]):
-        net.blobs[name].data[...] = cupy.asarray(x)
+        assign(net.blobs[name].data, x)
     errors["loss (end to end)"] = abs(net.forward_loss() - loss) / abs(loss)
     errors["fc8 (end to end)"] = rel_err(net.blobs["fc8"].data, rec[-1]["x"][0])
     print(f"VGG-16 {precision}: worst relative errors", sorted(errors.items(), key=lambda e: -e[1])[:6])
     worst = max(errors, key=errors.get)
     assert errors[worst] <= BOUND[precision], f"{worst}: {errors[worst]:.3g}"
+
+
+def pool_reference(layer, x, dy, top_bf16):
+    """NumPy MAX pooling of bfloat16-rounded x, backward of dy (rounded when the top is
+    bfloat16) masked by Y > 0 where the pool does a folded ReLU's backward; returns dX."""
+    from vggcaffe.layers import LAYER_TYPES
+    ref = LAYER_TYPES["Pooling"](layer.param, phase="TRAIN", dtype=np.float32, rng=np.random.default_rng(0))
+    bottom, top = Blob(x.shape, xp=np), Blob((), xp=np)
+    bottom.data[...] = round_bf16(x)
+    ref.setup([bottom], [top])
+    ref.forward([bottom], [top])
+    dy = round_bf16(dy) if top_bf16 else dy
+    top.diff[...] = dy * (top.data > 0) if layer.relu_mask else dy
+    ref.backward([top], [True], [bottom])
+    return bottom.diff
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vgg16_step_with_shared_diffs(vgg16_cpu, precision):
+    """net.forward_backward on a prepared VGG-16 whose activation diffs share memory gives
+    the parameter gradients of the same net with a diff array per blob, and far less
+    diff memory."""
+    from vggcaffe.gpu import prepare_net, set_precision
+    from vggcaffe.gpu.kernels import assign
+    from vggcaffe.net import Net
+    param, rec, loss, params = vgg16_cpu
+    backend.set_mode_gpu()
+    set_precision(precision)
+    grads, losses = [], []
+    for share in (True, False):
+        net = prepare_net(Net(param, phase="TRAIN", seed=11), share=share)
+        for blob, data in zip(net.learnable_params, params):
+            blob.data[...] = cupy.asarray(data)
+        for name, x in zip(net.inputs, rec[0]["y"]):
+            assign(net.blobs[name].data, x)
+        net.clear_param_diffs()
+        losses.append(net.forward_backward())
+        grads.append([cupy.asnumpy(b.diff) for b in net.learnable_params])
+        if share:
+            activations = sum(b.data.nbytes for b in net.blobs.values())
+            assert 0 < net.shared_diff_bytes < activations / 2
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[1])
+    worst = max(rel_err(cupy.asarray(a), b) for a, b in zip(*grads))
+    assert worst <= (1e-5 if precision == "fp32" else 1e-2), f"worst param gradient difference {worst:.3g}"
+    assert abs(losses[0] - loss) / abs(loss) <= BOUND[precision]

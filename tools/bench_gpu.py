@@ -82,11 +82,32 @@ def vggcaffe_run(model, precision, batch, warmup, iters, train):
     fill_inputs(net)
     seconds = _timed(step, warmup, iters, cupy.cuda.Device().synchronize)
     peak = pool.total_bytes()
+    memory = _memory_account(net, solver.history if train else [], pool)
     del net, step
     if train:
         del solver
     _cupy_release()
-    return batch / seconds, peak
+    return batch / seconds, peak, memory
+
+
+def _memory_account(net, history, pool):
+    """GiB held by each kind of array after the timed steps (each buffer counted once)."""
+    from vggcaffe.gpu import cudnn_conv
+
+    def total(arrays):
+        seen = {}
+        for a in arrays:
+            seen[a.data.ptr] = max(seen.get(a.data.ptr, 0), a.nbytes)
+        return round(sum(seen.values()) / 2**30, 2)
+    params = {id(b): b for layer in net.layers for b in layer.blobs}.values()
+    activations = [b for b in net._all_blobs.values()]
+    scratch = [a for state in cudnn_conv._devices.values() for a in state["scratch"].values()]
+    conv_buffers = [a for layer in net.layers for a in getattr(getattr(layer, "_gpu", None), "buffers", {}).values()]
+    return dict(activation_data=total(b.data for b in activations),
+                activation_diff=total(b.diff for b in activations if b.has_diff),
+                params=total([b.data for b in params] + [b.diff for b in params] + list(history)),
+                conv_scratch=total(scratch + conv_buffers),
+                pool_used=round(pool.used_bytes() / 2**30, 2), pool_held=round(pool.total_bytes() / 2**30, 2))
 
 
 # --- PyTorch -------------------------------------------------------------------------
@@ -151,11 +172,13 @@ def main(argv=None):
         for mode in args.modes:
             for precision in args.precisions:
                 run = (model, precision, args.batch, args.warmup, args.iters, mode == "train")
-                ours, our_mem = vggcaffe_run(*run)
+                ours, our_mem, account = vggcaffe_run(*run)
                 theirs, their_mem = (None, None) if args.skip_torch else torch_run(*run)
                 rows.append(dict(model=model, mode=mode, precision=precision, vggcaffe_img_s=ours,
-                                 torch_img_s=theirs, vggcaffe_peak_bytes=our_mem, torch_peak_bytes=their_mem))
+                                 torch_img_s=theirs, vggcaffe_peak_bytes=our_mem, torch_peak_bytes=their_mem,
+                                 vggcaffe_memory_gib=account))
                 print(_row(rows[-1]), flush=True)
+                print(f"  vggcaffe memory (GiB): {account}", flush=True)
     props = cupy.cuda.runtime.getDeviceProperties(0)
     meta = dict(date=str(date.today()), device=props["name"].decode(), python=platform.python_version(),
                 cupy=cupy.__version__, batch=args.batch, iters=args.iters, warmup=args.warmup,

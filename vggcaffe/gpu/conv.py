@@ -7,8 +7,13 @@ CuPy blobs when cuDNN is present. Two flags on the layer, set by the net pass
                        writes relu(conv + b); backward masks dY by Y > 0 first.
   layer.channels_last  the top blobs are NHWC-strided views (every consumer
                        takes any strides), so cuDNN reads and writes them in place.
-Activations and weights enter cuDNN as NHWC / K·kh·kw·C copies in the compute
-type (float32, or bfloat16 held as uint16); gradients leave as float32.
+  layer.top_dtype      bfloat16 (uint16 bits) in bf16 mode where every consumer
+                       reads bfloat16: cuDNN then writes the top, and reads its
+                       diff, in the compute type, with no casts.
+  layer.relu_grad_in_pool  the MAX pool after the folded ReLU does its backward.
+Other activations enter cuDNN as NHWC copies in the compute type (float32, or
+bfloat16 held as uint16), weights as K·kh·kw·C copies; weight and bias
+gradients leave as float32 (or bfloat16, then added into the float32 diffs).
 """
 import cupy
 import numpy as np
@@ -19,6 +24,9 @@ from . import kernels
 from .precision import get_precision
 
 F32 = np.dtype(np.float32)
+# Tensor-core convolutions want 16-byte channel vectors: in these precisions a channel
+# count that is not a multiple runs zero-padded (VGG's conv1_1: 3 -> 8 in bf16, 4 in tf32).
+CHANNEL_ALIGN = {"bf16": 8, "tf32": 4}
 _choices = {}
 
 
@@ -58,11 +66,16 @@ class CudnnConv:
         self.saved = {}          # bottom index -> X in NHWC compute type, for wgrad
         self.buffers = {}
 
-    def _buffer(self, slot, shape, dtype):
+    def _buffer(self, slot, shape, dtype, zeros=False):
         buf = self.buffers.get(slot)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-            buf = self.buffers[slot] = cupy.empty(shape, dtype)
+            buf = self.buffers[slot] = (cupy.zeros if zeros else cupy.empty)(shape, dtype)
         return buf
+
+    def _channels(self, precision):
+        """(C, the channel count cuDNN sees: C, or C zero-padded to CHANNEL_ALIGN)."""
+        c, align = self.layer.blobs[0].shape[1], CHANNEL_ALIGN.get(precision)
+        return c, (c if align is None or c % align == 0 else -(-c // align) * align)
 
     @property
     def geom(self):
@@ -72,63 +85,82 @@ class CudnnConv:
     def reshape(self, bottom, top):
         if getattr(self.layer, "channels_last", False):
             for t in top:
-                if not cc.is_channels_last(t.data):
-                    t.data = cc.empty_channels_last(t.shape)
-                    t.diff = cc.empty_channels_last(t.shape)
+                t.make_channels_last(dtype=getattr(self.layer, "top_dtype", F32))
+
+    def _check_blobs(self, blobs, io):
+        for b in blobs:
+            if b.data.dtype == kernels.BF16 and io != kernels.BF16:
+                raise VggcaffeError(f"layer '{self.layer.name}': its blobs hold bfloat16 (the net was prepared "
+                                    f"under precision bf16) but the precision is now {get_precision()}; "
+                                    f"set_precision('bf16') or prepare a new net")
 
     # --- forward -----------------------------------------------------------------
     def forward(self, bottom, top):
         precision = get_precision()
         io = kernels.BF16 if precision == "bf16" else F32
-        w_io = self._weights(io)                                      # (K, kh, kw, C)
+        self._check_blobs(bottom + top, io)
+        c, cp = self._channels(precision)
+        w_io = self._weights(io, cp)                                  # (K, kh, kw, Cp)
         for i, (b, t) in enumerate(zip(bottom, top)):
-            x_io = self._input(i, b.data, io)                         # (N, H, W, C)
-            self._fprop(x_io, w_io, b.shape, t.data, precision, io)
+            x_io = self._input(i, b.data, io, cp)                     # (N, H, W, Cp)
+            self._fprop(x_io, w_io, _padded(b.shape, cp), t.data, precision, io)
 
-    def _weights(self, io):
+    def _weights(self, io, cp):
         w = cupy.ascontiguousarray(self.layer.blobs[0].data)         # (K, C, kh, kw)
         k, c, kh, kw = w.shape
         self.w_io = self._buffer("w", (k, kh, kw, c), io)
         kernels.batched_transpose(w, self.w_io, k, c, kh * kw)
+        if cp != c:
+            padded = self._buffer("w_pad", (k, kh, kw, cp), io, zeros=True)
+            padded[..., :c] = self.w_io
+            self.w_io = padded
         return self.w_io
 
-    def _input(self, i, x, io):
-        """X (N, C, H, W) as a contiguous NHWC array of the compute type (a view when it already is)."""
-        if cc.is_channels_last(x):
-            if io == F32:
-                self.saved[i] = x.transpose(0, 2, 3, 1)
-                return self.saved[i]
+    def _input(self, i, x, io, cp):
+        """X (N, C, H, W) as a contiguous NHWC array of the compute type with Cp channels
+        (a view when it already is one)."""
+        if cc.is_channels_last(x) and x.dtype == io:
+            buf = x.transpose(0, 2, 3, 1)
+        elif cc.is_channels_last(x):
             buf = self._buffer(("x", i), _nhwc(x.shape), io)
             kernels.to_bf16(_flat(x), buf.reshape(-1))
         else:
             buf = self._buffer(("x", i), _nhwc(x.shape), io)
             kernels.nchw_to_nhwc(cupy.ascontiguousarray(x), buf)
+        if cp != x.shape[1]:
+            padded = self._buffer(("x_pad", i), _nhwc(_padded(x.shape, cp)), io, zeros=True)
+            padded[..., :x.shape[1]] = buf
+            buf = padded
         self.saved[i] = buf
         return buf
 
     def _fprop(self, x_io, w_io, x_shape, y, precision, io):
         layer = self.layer
         relu = getattr(layer, "fused_relu", False)
-        w_shape = tuple(layer.blobs[0].shape)
+        k, _, kh, kw = layer.blobs[0].shape
+        w_shape = (k, x_shape[1], kh, kw)
         args = (tuple(x_shape), w_shape, tuple(y.shape), self.geom)
         configs = [(layer.bias_term, relu, False), (layer.bias_term, relu, True),
                    (False, False, False), (False, False, True)]
         if io == F32:
             configs = [c for c in configs if not c[2]]
+        elif y.dtype == io:                                           # a bfloat16 top: written as is
+            configs = [c for c in configs if c[2]]
         (bias, act, out_io), plan = _choose(
-            ("fprop", layer.name) + args + (layer.bias_term, relu, precision), configs,
+            ("fprop", layer.name) + args + (layer.bias_term, relu, y.dtype.str, precision), configs,
             lambda config: cc.fprop_plan(*args, *config, precision))
         pointers = dict(X=x_io.data.ptr, W=w_io.data.ptr)
         if bias:
             pointers["B"] = layer.blobs[1].data.data.ptr
-        direct = cc.is_channels_last(y) and not out_io
-        out = y.transpose(0, 2, 3, 1) if direct else cc.scratch("y", _nhwc(y.shape), io if out_io else F32)
+        out_dtype = io if out_io else F32
+        direct = cc.is_channels_last(y) and y.dtype == out_dtype
+        out = y.transpose(0, 2, 3, 1) if direct else cc.scratch("y", _nhwc(y.shape), out_dtype)
         plan.run(Y=out.data.ptr, **pointers)
         if not direct:
             _from_nhwc(out, y)
         if (layer.bias_term and not bias) or (relu and not act):
             b = layer.blobs[1].data.reshape(1, -1, 1, 1) if layer.bias_term and not bias else np.float32(0)
-            cc.bias_relu(b, relu and not act, y)
+            (kernels.bias_relu_bf16 if y.dtype == kernels.BF16 else cc.bias_relu)(b, relu and not act, y)
 
     # --- backward ----------------------------------------------------------------
     def backward(self, top, propagate_down, bottom):
@@ -137,6 +169,8 @@ class CudnnConv:
         io = kernels.BF16 if precision == "bf16" else F32
         need_dw = layer.param_propagate_down[0]
         need_db = layer.bias_term and layer.param_propagate_down[1]
+        self._check_blobs(bottom + top, io)
+        _, cp = self._channels(precision)
         for i, (b, t) in enumerate(zip(bottom, top)):
             if not (need_dw or need_db or propagate_down[i]):
                 continue
@@ -147,14 +181,18 @@ class CudnnConv:
                 cc.bias_grad_plan(dy_shape, precision).run(DY=dz.data.ptr, DB=db.data.ptr)
                 layer.blobs[1].diff += db
             if need_dw:
-                self._wgrad(i, dz, b.shape, dy_shape, precision, io)
+                self._wgrad(i, dz, _padded(b.shape, cp), dy_shape, precision, io)
             if propagate_down[i]:
-                self._dgrad(dz, b, dy_shape, precision, io)
+                self._dgrad(dz, b, dy_shape, precision, io, cp)
 
     def _top_grad(self, t, io):
-        """dZ = dY (masked by Y > 0 when the ReLU was fused), NHWC, compute type."""
+        """dZ = dY (masked by Y > 0 when the ReLU was fused and no pool did it), NHWC, compute type."""
         dy, y = t.diff, t.data
-        relu = getattr(self.layer, "fused_relu", False)
+        relu = getattr(self.layer, "fused_relu", False) and not getattr(self.layer, "relu_grad_in_pool", False)
+        if dy.dtype == kernels.BF16:                                   # a bfloat16 top, channels-last
+            if relu:
+                kernels.relu_grad_bf16_inplace(_flat(y), _flat(dy))
+            return dy.transpose(0, 2, 3, 1)
         if cc.is_channels_last(dy) and cc.is_channels_last(y):
             if io == F32:
                 if relu:
@@ -175,29 +213,42 @@ class CudnnConv:
     def _wgrad(self, i, dz, x_shape, dy_shape, precision, io):
         w_blob = self.layer.blobs[0]
         k, c, kh, kw = w_blob.shape
-        args = (tuple(x_shape), dy_shape, tuple(w_blob.shape), self.geom)
-        out_io, plan = _choose(("wgrad", self.layer.name) + args + (precision,), [False, True] if io != F32 else [False],
+        cp = x_shape[1]
+        args = (tuple(x_shape), dy_shape, (k, cp, kh, kw), self.geom)
+        out_io, plan = _choose(("wgrad", self.layer.name) + args + (precision,), [True, False] if io != F32 else [False],
                                lambda o: cc.wgrad_plan(*args, o, precision))
-        dw = cc.scratch("dw", (k, kh, kw, c), io if out_io else F32)
+        dw = cc.scratch("dw", (k, kh, kw, cp), io if out_io else F32)
         plan.run(X=self.saved[i].data.ptr, DY=dz.data.ptr, DW=dw.data.ptr)
+        if cp != c:
+            dw = cupy.ascontiguousarray(dw[..., :c])
         kernels.batched_transpose(dw, w_blob.diff, k, kh * kw, c, accumulate=True)
 
-    def _dgrad(self, dz, b, dy_shape, precision, io):
+    def _dgrad(self, dz, b, dy_shape, precision, io, cp):
         dx = b.diff                                                    # (N, C, H, W)
-        args = (dy_shape, tuple(self.layer.blobs[0].shape), tuple(dx.shape), self.geom)
-        out_io, plan = _choose(("dgrad", self.layer.name) + args + (precision,), [False, True] if io != F32 else [False],
+        k, c, kh, kw = self.layer.blobs[0].shape
+        args = (dy_shape, (k, cp, kh, kw), _padded(dx.shape, cp), self.geom)
+        options = [False] if io == F32 else [True, False] if dx.dtype == io else [False, True]
+        out_io, plan = _choose(("dgrad", self.layer.name) + args + (dx.dtype.str, precision), options,
                                lambda o: cc.dgrad_plan(*args, o, precision))
-        direct = cc.is_channels_last(dx) and not out_io
-        out = dx.transpose(0, 2, 3, 1) if direct else cc.scratch("dx", _nhwc(dx.shape), io if out_io else F32)
+        out_dtype = io if out_io else F32
+        direct = cc.is_channels_last(dx) and dx.dtype == out_dtype and cp == c
+        out = dx.transpose(0, 2, 3, 1) if direct else cc.scratch("dx", _nhwc(args[2]), out_dtype)
         plan.run(DY=dz.data.ptr, W=self.w_io.data.ptr, DX=out.data.ptr)
         if not direct:
-            _from_nhwc(out, dx)
+            _from_nhwc(out if cp == c else cupy.ascontiguousarray(out[..., :c]), dx)
+
+
+def _padded(shape, cp):
+    n, _, h, w = shape
+    return (n, cp, h, w)
 
 
 def _from_nhwc(src, dst):
-    """dst (N, C, H, W) float32, either layout, = src, a contiguous NHWC float32 or bf16 array."""
-    if cc.is_channels_last(dst):
-        kernels.from_bf16(src.reshape(-1), _flat(dst))
+    """dst (N, C, H, W), either layout, = src, a contiguous NHWC float32 or bf16 array."""
+    if cc.is_channels_last(dst) and src.dtype == dst.dtype:
+        _flat(dst)[...] = src.reshape(-1)
+    elif cc.is_channels_last(dst):
+        (kernels.to_bf16 if dst.dtype == kernels.BF16 else kernels.from_bf16)(src.reshape(-1), _flat(dst))
     elif dst.flags.c_contiguous:
         kernels.nhwc_to_nchw(src, dst)
     else:

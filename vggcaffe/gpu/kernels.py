@@ -2,7 +2,9 @@
 
 - layout: NCHW <-> NHWC copies through shared-memory tiles (both sides
   coalesced), casting float32 <-> bfloat16 on the way when asked;
-- casts and the ReLU gradient fused with the cast (conv backward);
+- casts and the ReLU gradient fused with the cast (conv backward), the ReLU
+  gradient and bias + ReLU on bfloat16 blobs, and `as_float32` / `assign` to
+  read and write bfloat16 blobs as float32;
 - the SGD update: momentum, weight decay and the step for every parameter
   blob in one launch (a table of device pointers, one grid row per blob).
 bfloat16 arrays are held as uint16 (CuPy needs no bfloat16 dtype for them):
@@ -136,6 +138,36 @@ relu_grad_bf16 = cupy.ElementwiseKernel(
     "else dz = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
     "vggcaffe_relu_grad_bf16")
 
+relu_grad_bf16_inplace = cupy.ElementwiseKernel(
+    "uint16 y", "uint16 dz", "if (!(__uint_as_float(((unsigned int)y) << 16) > 0.0f)) dz = 0",
+    "vggcaffe_relu_grad_bf16_inplace")
+
+bias_relu_bf16 = cupy.ElementwiseKernel(
+    "float32 b, bool relu", "uint16 y",
+    "float v = __uint_as_float(((unsigned int)y) << 16) + b;"
+    "if (relu && v < 0.0f) v = 0.0f;"
+    "unsigned int u = __float_as_uint(v);"
+    "if ((u & 0x7fffffffu) > 0x7f800000u) y = (u >> 16) | 0x40u;"
+    "else y = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
+    "vggcaffe_bias_relu_bf16")
+
+
+def as_float32(a):
+    """A float32 copy of a blob array (bfloat16 blobs hold uint16 bits), any strides."""
+    if a.dtype == BF16:
+        return from_bf16(a)
+    return a.astype(np.float32)
+
+
+def assign(a, values):
+    """a[...] = values for float32 or bfloat16 (uint16) arrays of any strides."""
+    values = cupy.asarray(values, dtype=np.float32)
+    if a.dtype == BF16:
+        to_bf16(cupy.broadcast_to(values, a.shape), a)
+    else:
+        a[...] = values
+
+
 _sgd_kernel = cupy.RawKernel(_SGD, "sgd_momentum")
 
 
@@ -145,6 +177,7 @@ class FusedSGD:
     def __init__(self):
         self._tables = None
         self._key = None
+        self._factors = (None, None)       # (host rates and decays, their device copies)
 
     @staticmethod
     def applies(blobs, history):
@@ -164,8 +197,10 @@ class FusedSGD:
     def __call__(self, blobs, history, rates, decays, momentum, iter_size, l1):
         """rates[i] = lr * lr_mult, decays[i] = weight_decay * decay_mult of blob i."""
         data, diff, hist, sizes = self._pointer_tables(blobs, history)
-        rates = cupy.asarray(np.asarray(rates, dtype=np.float32))
-        decays = cupy.asarray(np.asarray(decays, dtype=np.float32))
+        key = (tuple(rates), tuple(decays))
+        if key != self._factors[0]:        # a host-to-device copy waits for the queued work: only on change
+            self._factors = (key, [cupy.asarray(np.asarray(f, dtype=np.float32)) for f in key])
+        rates, decays = self._factors[1]
         longest = max(b.count for b in blobs)
         grid = (min((longest + 255) // 256, 2048), len(blobs), 1)
         _sgd_kernel(grid, (256, 1, 1), (data, diff, hist, sizes, rates, decays, np.float32(momentum),
