@@ -90,14 +90,13 @@ def share_diffs(net):
     net inputs and outputs, and blobs whose diff is already an alias of another's
     keep their own arrays; so do blobs whose producer runs no backward, and all
     of a TEST net's (its diffs are then allocated only if a backward is ever run
-    on it, which the solver never does). Slots are assigned
-    greedily in producer order; each holds the largest of its blobs, and every
-    blob gets a view of the same layout (NCHW or channels-last) and dtype as its
-    data."""
-    span, order = {}, []
+    on it, which the solver never does). Slots are assigned greedily in producer
+    order; each holds the largest of its blobs, and every blob gets a view of
+    the same layout (NCHW or channels-last) and dtype as its data."""
+    net.shared_diff_bytes = 0
     if net.phase == "TEST":
-        net.shared_diff_bytes = 0
         return net
+    span, order = {}, []
     for i, (bottom, top) in enumerate(zip(net._bottoms, net._tops)):
         for b in bottom:
             if id(b) in span:

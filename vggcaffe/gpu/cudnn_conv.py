@@ -44,7 +44,7 @@ _graphs = {}
 _devices = {}
 
 AUTOTUNE = os.environ.get("VGGCAFFE_CUDNN_AUTOTUNE", "1") != "0"
-CANDIDATES = int(os.environ.get("VGGCAFFE_CUDNN_CANDIDATES", "10"))  # plans built per graph, at most
+CANDIDATES = 10            # heuristic-ranked plans built per graph, at most
 SCREEN = 1.5               # a candidate whose first run is slower than this x the best is not timed further
 BUILD_SECONDS = 1.0        # after this long building a graph's plans, build no more (two at least)
 WORKSPACE_LIMIT = 1 << 30  # plans needing more workspace (bytes) are not candidates
