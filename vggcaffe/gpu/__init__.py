@@ -11,16 +11,16 @@ Imported only in GPU mode (it imports CuPy); CPU-only installs never load it.
     convolutions and MAX pools (the activations between them: half the bytes
     and no casts);
   - gives activation diffs whose backward lifetimes do not overlap the same
-    memory (`share_diffs`; a diff then holds its gradient only from the
-    backward of its last consumer to that of its producer, as in PyTorch,
-    where intermediate gradients are freed).
+    memory (`vggcaffe.memory.share_diffs`; a diff then holds its gradient only
+    from the backward of its last consumer to that of its producer, as in
+    PyTorch, where intermediate gradients are freed).
 `setup_solver(solver)` applies the solver's precision, prepares its nets, and
 returns the fused SGD update.
 """
 import cupy
-import numpy as np
 
 from ..layers.relu import FusedReLU, consumers, fold_relu
+from ..memory import share_diffs
 from . import cudnn_conv, pooling
 from .kernels import BF16, FusedSGD
 from .precision import PRECISIONS, get_precision, set_precision  # noqa: F401
@@ -79,66 +79,8 @@ def prepare_net(net, share=True):
             layer.reshape(net._bottoms[i], net._tops[i])
     if share:
         share_diffs(net)
+        cupy.get_default_memory_pool().free_all_blocks()   # the replaced diffs go back to the device
     return net
-
-
-def share_diffs(net):
-    """Let activation blobs whose diffs are live at disjoint times in backward share memory.
-
-    A blob's diff is live from the backward of its last consumer down to that of
-    its first producer (in-place layers keep one blob). Blobs with a loss weight,
-    net inputs and outputs, and blobs whose diff is already an alias of another's
-    keep their own arrays; so do blobs whose producer runs no backward, and all
-    of a TEST net's (its diffs are then allocated only if a backward is ever run
-    on it, which the solver never does). Slots are assigned greedily in producer
-    order; each holds the largest of its blobs, and every blob gets a view of
-    the same layout (NCHW or channels-last) and dtype as its data."""
-    net.shared_diff_bytes = 0
-    if net.phase == "TEST":
-        return net
-    span, order = {}, []
-    for i, (bottom, top) in enumerate(zip(net._bottoms, net._tops)):
-        for b in bottom:
-            if id(b) in span:
-                span[id(b)][2] = i
-        for t in top:
-            if id(t) not in span and net._need_backward[i]:
-                span[id(t)] = [t, i, i]
-                order.append(id(t))
-    keep = {id(net.blobs[name]) for name in list(net.inputs) + list(net.outputs) if name in net.blobs}
-    keep |= {id(net._tops[i][t]) for i, t in net.loss_weights}
-    starts = {}
-    for blob, _, _ in span.values():
-        if blob.has_diff:
-            starts.setdefault(blob.diff.data.ptr, []).append(id(blob))
-    keep |= {b for ids in starts.values() if len(ids) > 1 for b in ids}
-    slots = []                                            # [last layer index, bytes, [blobs]]
-    for key in order:
-        blob, first, last = span[key]
-        if key in keep or last == first or blob.data.ndim == 0:
-            continue
-        slot = next((s for s in slots if s[0] < first), None)
-        if slot is None:
-            slot = [0, 0, []]
-            slots.append(slot)
-        slot[0], slot[1] = last, max(slot[1], blob.data.nbytes)
-        slot[2].append(blob)
-    for _, nbytes, blobs in slots:
-        memory = cupy.empty(nbytes, np.uint8)
-        for blob in blobs:
-            blob.diff = _view(memory, blob.data)
-    net.shared_diff_bytes = sum(s[1] for s in slots)
-    cupy.get_default_memory_pool().free_all_blocks()
-    return net
-
-
-def _view(memory, like):
-    """An array over `memory` with `like`'s shape, dtype and layout (C-contiguous or channels-last)."""
-    flat = memory[:like.nbytes].view(like.dtype)
-    if like.ndim == 4 and cudnn_conv.is_channels_last(like) and not like.flags.c_contiguous:
-        n, c, h, w = like.shape
-        return flat.reshape(n, h, w, c).transpose(0, 3, 1, 2)
-    return flat.reshape(like.shape)
 
 
 def setup_solver(solver):

@@ -1,0 +1,106 @@
+"""Shared activation diffs (vggcaffe.memory.share_diffs) on NumPy: a net whose diffs share
+memory computes the gradients of the same net with a diff array per blob, exactly."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vggcaffe import cpu
+from vggcaffe.memory import share_diffs
+from vggcaffe.net import Net
+from vggcaffe.proto import caffe_pb2
+from vggcaffe.prototxt import parse_text
+from vggcaffe.timing import fill_inputs, synthetic_net
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+BRANCHED = """
+force_backward: true
+layer { name: "x" type: "Input" top: "x" top: "ta" top: "tb"
+        input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 dim: 5 } shape { dim: 4 dim: 3 } } }
+layer { name: "conv1" type: "Convolution" bottom: "x" top: "conv1"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "msra" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv_a" type: "Convolution" bottom: "pool1" top: "conv_a"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "msra" } } }
+layer { name: "conv_b" type: "Convolution" bottom: "pool1" top: "conv_b"
+        convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "msra" } } }
+layer { name: "relu_b" type: "ReLU" bottom: "conv_b" top: "conv_b" }
+layer { name: "fc_a" type: "InnerProduct" bottom: "conv_a" top: "fc_a"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "fc_b" type: "InnerProduct" bottom: "conv_b" top: "fc_b"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss_a" type: "EuclideanLoss" bottom: "fc_a" bottom: "ta" top: "loss_a" }
+layer { name: "loss_b" type: "EuclideanLoss" bottom: "fc_b" bottom: "tb" top: "loss_b" }
+"""
+
+
+def small_a():
+    return synthetic_net(str(MODELS / "small" / "A_train_val.prototxt"), batch=2)
+
+
+def branched():
+    return parse_text(BRANCHED, caffe_pb2.NetParameter())
+
+
+def step(param, share, prepare):
+    net = Net(param, phase="TRAIN", seed=5)
+    if prepare:
+        cpu.prepare_net(net)
+    if share:
+        share_diffs(net)
+    fill_inputs(net, seed=2)
+    net.clear_param_diffs()
+    loss = net.forward_backward()
+    grads = [b.diff.copy() for b in net.learnable_params]
+    inputs = {name: net.blobs[name].diff.copy() for name in net.inputs}
+    return net, loss, grads, inputs
+
+
+@pytest.mark.parametrize("make", [small_a, branched], ids=["small-A", "branched"])
+@pytest.mark.parametrize("prepare", [False, True], ids=["plain", "cpu-prepared"])
+def test_shared_diffs_give_the_same_gradients(make, prepare):
+    net, loss, grads, inputs = step(make(), True, prepare)
+    _, ref_loss, ref_grads, ref_inputs = step(make(), False, prepare)
+    assert loss == ref_loss
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_array_equal(g, r)
+    for name in inputs:
+        np.testing.assert_array_equal(inputs[name], ref_inputs[name])
+    assert net.shared_diff_bytes > 0
+    if make is small_a:                  # a chain: two slots instead of a diff per blob
+        activations = sum(b.data.nbytes for name, b in net.blobs.items() if name not in net.inputs)
+        assert net.shared_diff_bytes < activations / 2
+
+
+def test_blobs_sharing_memory_have_disjoint_backward_spans():
+    net = Net(branched(), phase="TRAIN", seed=5)
+    share_diffs(net)
+    span = {}
+    for i, (bottom, top) in enumerate(zip(net._bottoms, net._tops)):
+        for b in bottom:
+            if id(b) in span:
+                span[id(b)][1] = i
+        for t in top:
+            span.setdefault(id(t), [i, i])
+    blobs = {id(b): b for tops in net._tops for b in tops}
+    by_memory = {}
+    for key, blob in blobs.items():
+        base = blob.diff.base if blob.diff.base is not None else blob.diff
+        by_memory.setdefault(id(base), []).append(key)
+    shared = [keys for keys in by_memory.values() if len(keys) > 1]
+    assert shared, "nothing shared"
+    for keys in shared:
+        spans = sorted(span[k] for k in keys)
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_test_nets_and_outputs_keep_their_own_diffs():
+    net = Net(small_a(), phase="TEST", seed=5)
+    share_diffs(net)
+    assert net.shared_diff_bytes == 0 and not any(b.has_diff for b in net.blobs.values())
+    train = Net(branched(), phase="TRAIN", seed=5)
+    share_diffs(train)
+    for name in list(train.inputs) + list(train.outputs):
+        assert train.blobs[name].diff.base is None
