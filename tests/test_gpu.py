@@ -517,3 +517,37 @@ def test_vgg16_step_with_shared_diffs(vgg16_cpu, precision):
     worst = max(rel_err(cupy.asarray(a), b) for a, b in zip(*grads))
     assert worst <= (1e-5 if precision == "fp32" else 1e-2), f"worst param gradient difference {worst:.3g}"
     assert abs(losses[0] - loss) / abs(loss) <= BOUND[precision]
+
+
+# --- the command line ------------------------------------------------------------------
+def _train_log(solver, gpu):
+    """The log lines of `vggcaffe train` (prefix stripped) and their shapes (numbers masked)."""
+    import re
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "vggcaffe.cli", "train", "--solver", str(solver)] + (["--gpu", "0"] if gpu else [])
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines() + result.stdout.splitlines()
+             if "] " in line and "solver.py]" in line]
+    return lines, [re.sub(r"[-+]?\d[\d.e+-]*", "#", line) for line in lines]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cli_train_on_gpu_logs_what_the_cpu_logs(tmp_path, precision):
+    """`vggcaffe train --gpu 0` on the small A net (20 iterations, fixed lr, tests at 0, 10
+    and 20): the same log lines as on the CPU, numbers aside, and finite losses."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "models" / "small" / "A_solver.prototxt").read_text()
+    for field, value in [("max_iter", "20"), ("display", "10"), ("test_interval", "10"), ("test_iter", "2"),
+                         ("lr_policy", '"fixed"'), ("snapshot_prefix", f'"{tmp_path / "A"}"')]:
+        text = "\n".join(f"{field}: {value}" if line.startswith(f"{field}:") else line for line in text.splitlines())
+    text = text.replace('net: "models/small/A_train_val.prototxt"',
+                        f'net: "{root / "models" / "small" / "A_train_val.prototxt"}"')
+    solver = tmp_path / "A_solver.prototxt"
+    solver.write_text(text + f'\nprecision: "{precision}"\n')
+    (cpu_lines, cpu_shapes), (gpu_lines, gpu_shapes) = _train_log(solver, False), _train_log(solver, True)
+    assert gpu_shapes == cpu_shapes, "\n".join(f"{a} | {b}" for a, b in zip(cpu_lines, gpu_lines) if a != b)
+    losses = [float(line.rsplit("=", 1)[1]) for line in gpu_lines if line.startswith("Iteration") and "loss =" in line]
+    assert len(losses) >= 2 and all(np.isfinite(losses))
