@@ -5,7 +5,8 @@ synthetic data already on the GPU, in each precision (fp32 strict, tf32,
 bf16): training steps (forward, backward, SGD momentum 0.9, weight decay
 5e-4, biases at 2x lr without decay, as the models' prototxts) and inference
 (forward only, TEST phase), on both sides; img/s, the ratio, and peak GPU
-memory (CuPy's pool / PyTorch's caching allocator, reserved bytes).
+memory (CuPy's pool after the timed steps / PyTorch's caching allocator's peak
+reserved bytes), with where vggcaffe's goes (activations, diffs, parameters, scratch).
 PyTorch runs with cudnn.benchmark; TF32 only in tf32 mode; bf16 as autocast
 with channels_last (float32 master weights, like vggcaffe's bf16).
 
@@ -100,7 +101,7 @@ def _memory_account(net, history, pool):
             seen[a.data.ptr] = max(seen.get(a.data.ptr, 0), a.nbytes)
         return round(sum(seen.values()) / 2**30, 2)
     params = {id(b): b for layer in net.layers for b in layer.blobs}.values()
-    activations = [b for b in net._all_blobs.values()]
+    activations = list(net._all_blobs.values())
     scratch = [a for state in cudnn_conv._devices.values() for a in state["scratch"].values()]
     conv_buffers = [a for layer in net.layers for a in getattr(getattr(layer, "_gpu", None), "buffers", {}).values()]
     return dict(activation_data=total(b.data for b in activations),
