@@ -5,8 +5,9 @@ synthetic data already on the GPU, in each precision (fp32 strict, tf32,
 bf16): training steps (forward, backward, SGD momentum 0.9, weight decay
 5e-4, biases at 2x lr without decay, as the models' prototxts) and inference
 (forward only, TEST phase), on both sides; img/s, the ratio, and peak GPU
-memory (CuPy's pool after the timed steps / PyTorch's caching allocator's peak
-reserved bytes), with where vggcaffe's goes (activations, diffs, parameters, scratch).
+memory (the most CuPy's pool held, from net construction through the warm-up
+steps and after the timed ones / PyTorch's caching allocator's peak reserved
+bytes), with where vggcaffe's goes (activations, diffs, parameters, scratch).
 PyTorch runs with cudnn.benchmark; TF32 only in tf32 mode; bf16 as autocast
 with channels_last (float32 master weights, like vggcaffe's bf16).
 
@@ -66,6 +67,8 @@ def vggcaffe_run(model, precision, batch, warmup, iters, train):
     backend.set_device(0)
     _cupy_release()
     pool = cupy.get_default_memory_pool()
+    high = _HighWater(pool)
+    cupy.cuda.set_allocator(high.malloc)          # through net construction and the warm-up steps
     param = _solver_param(model, batch, precision)
     if train:
         solver = SGDSolver(param)
@@ -81,14 +84,32 @@ def vggcaffe_run(model, precision, batch, warmup, iters, train):
         def step():
             net.forward_loss()
     fill_inputs(net)
-    seconds = _timed(step, warmup, iters, cupy.cuda.Device().synchronize)
-    peak = pool.total_bytes()
+    for _ in range(warmup):                       # autotuning happens here
+        step()
+    cupy.cuda.Device().synchronize()
+    cupy.cuda.set_allocator(pool.malloc)          # the timed steps run without the counting hook
+    seconds = _timed(step, 0, iters, cupy.cuda.Device().synchronize)
+    peak = max(high.peak, pool.total_bytes())
     memory = _memory_account(net, solver.history if train else [], pool)
+    memory["high_water"] = round(peak / 2**30, 2)
     del net, step
     if train:
         del solver
     _cupy_release()
     return batch / seconds, peak, memory
+
+
+class _HighWater:
+    """An allocator over CuPy's pool that records the most the pool ever held (PyTorch's
+    max_memory_reserved counterpart; CuPy keeps no such counter)."""
+
+    def __init__(self, pool):
+        self.pool, self.peak = pool, 0
+
+    def malloc(self, size):
+        memory = self.pool.malloc(size)
+        self.peak = max(self.peak, self.pool.total_bytes())
+        return memory
 
 
 def _memory_account(net, history, pool):
