@@ -18,13 +18,19 @@ CuPy kernel (`bias_relu`).
 
 Autotuning (as cudnn.benchmark; on unless VGGCAFFE_CUDNN_AUTOTUNE=0): each
 convolution graph builds those of cuDNN's first CANDIDATES heuristic-ranked
-plans that build; its first run times each on the real operands, screening
-out with one run those much slower than the best so far, and keeps the
-fastest for that cached graph (shape, dtype, precision). In strict fp32 the
-top-ranked plans are often barred (TF32); a graph none of whose candidates
-builds keeps the plan cuDNN's own build picks. Walking further down the
-ranking was measured: the strict plans found there ran VGG-16 at 95 img/s
-against 494 with cuDNN's pick, so it is not done.
+plans that build and need at most WORKSPACE_LIMIT of workspace; its first run
+times each on the real operands, screening out with one run those much
+slower than the best so far, and keeps the fastest for that cached graph
+(shape, dtype, precision).
+Strict fp32 differs: its top-ranked plans (TF32 engines) never build (the
+first ~25 of ~40 for VGG's layers), and its fast plans are legacy engines
+that need 0.4-5 GiB of workspace. So the walk goes down the whole ranking; a
+candidate may need as much workspace as the first plan that builds (the one
+cuDNN's own build picks, whose workspace is needed anyway) or WORKSPACE_LIMIT,
+whichever is more; the timing uses the shared workspace, so tuning holds no
+extra memory; and engine 0 (the reference kernel, 50-650x slower on VGG's
+layers) is never timed. With the 1 GiB limit alone the fast plans were all
+barred and VGG-16 fp32 training fell from 494 to 95 img/s.
 """
 import os
 import time
@@ -108,9 +114,10 @@ class Plan:
     candidates [(plan index, workspace bytes)], its first run times each on the
     operands it was given and keeps the fastest (`index`, `timings` in ms)."""
 
-    def __init__(self, graph, tensors, candidates=()):
+    def __init__(self, graph, tensors, candidates=(), shared_workspace=False):
         self.graph, self.tensors = graph, tensors
         self.candidates = list(candidates)
+        self.shared_workspace = shared_workspace    # time candidates in the shared scratch workspace
         self.index, self.timings = None, {}
         self.workspace = 0 if self.candidates else int(graph.get_workspace_size())
 
@@ -129,7 +136,8 @@ class Plan:
         """Time each candidate once after a warm-up run; those within SCREEN x the best so
         far, three more times; keep the fastest mean (a slow plan costs two runs)."""
         candidates, self.candidates = self.candidates, []
-        ws = cupy.empty(max(w for _, w in candidates) + 1, np.uint8)
+        most = max(w for _, w in candidates) + 1
+        ws = scratch("workspace", (most,), np.uint8) if self.shared_workspace else cupy.empty(most, np.uint8)
         error, means = None, {}
         for index, workspace in candidates:
             def launch():
@@ -142,8 +150,9 @@ class Plan:
                 self.timings[index] = means[index] = _elapsed_ms(launch)
             except Exception as e:  # a plan that built but cannot run these operands
                 error = e
-        del ws
-        cupy.get_default_memory_pool().free_all_blocks()      # the timing workspace is not kept
+        if not self.shared_workspace:
+            del ws
+            cupy.get_default_memory_pool().free_all_blocks()  # the timing workspace is not kept
         if not means:
             raise error
         self.index = min(means, key=means.get)
@@ -162,23 +171,34 @@ def _elapsed_ms(launch, repeats=3):
     return cupy.cuda.get_elapsed_time(start, end) / repeats
 
 
-def _build_candidates(graph):
-    """Build those of the graph's first CANDIDATES ranked plans that build; [(index, workspace)].
-    Past the first, plans compiled at runtime (NVRTC, slow to build) are skipped."""
-    built, start = [], time.perf_counter()
-    for index in range(min(int(graph.get_execution_plan_count()), CANDIDATES)):
-        if len(built) >= 2 and time.perf_counter() - start > BUILD_SECONDS:
+def _build_candidates(graph, strict):
+    """[(index, workspace)] of the candidate plans that built (see the module docstring;
+    `strict`: strict fp32's walk). Past the first, plans compiled at runtime (NVRTC,
+    slow to build) are skipped."""
+    built, start, limit = [], time.perf_counter(), WORKSPACE_LIMIT
+    count = int(graph.get_execution_plan_count())
+    for index in range(count if strict else min(count, CANDIDATES)):
+        if len(built) >= CANDIDATES or (len(built) >= 2 and time.perf_counter() - start > BUILD_SECONDS):
             break
-        if built and _compiled_at_runtime(graph, index):
+        if built and (_compiled_at_runtime(graph, index) or (strict and _is_engine_0(graph, index))):
             continue
         try:
             graph.build_plan_at_index(index)
             workspace = int(graph.get_workspace_size_plan_at_index(index))
         except Exception:  # cuDNN declines plans with several exception types
             continue
-        if workspace <= WORKSPACE_LIMIT:
+        if strict and not built:
+            limit = max(limit, workspace)
+        if workspace <= limit:
             built.append((index, workspace))
     return built
+
+
+def _is_engine_0(graph, index):
+    try:
+        return graph.get_plan_name_at_index(index).split("_")[0] == "eng0"
+    except Exception:  # no name to read: not excluded
+        return False
 
 
 def _compiled_at_runtime(graph, index):
@@ -211,10 +231,11 @@ def _plan(key, build, convolution=True):
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
-        candidates = _build_candidates(graph) if AUTOTUNE and convolution else []
+        strict = precision == "fp32"
+        candidates = _build_candidates(graph, strict) if AUTOTUNE and convolution else []
         if not candidates:
             graph.build_plans()
-        plan = _graphs[key] = Plan(graph, tensors, candidates)
+        plan = _graphs[key] = Plan(graph, tensors, candidates, shared_workspace=strict)
     return plan
 
 
