@@ -59,17 +59,21 @@ extern "C" __global__ void max_pool_forward(
 }
 """
 
-_BACKWARD = _COMMON + r"""
-// One thread per bottom element: dx = the sum of dy over the windows whose maximum it is
-// (times Y > 0 there when RELU_MASK: the folded ReLU's backward). No atomics, no zeroing.
-extern "C" __global__ void max_pool_backward(
+# The two backward kernels' parameters and grid-stride loop: MaxPoolGPU.backward passes
+# one argument tuple to either.
+_BACKWARD_HEAD = r"""(
         const T_DY* dy, const T_Y* y, const unsigned char* argmax, T_DX* dx, long long total,
         int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw,
         long long yn, long long yc, long long yh, long long yw,
         long long xn, long long xc, long long xh, long long xw, int c_fastest) {
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)gridDim.x * blockDim.x) {
-        DECOMPOSE(t, C, H, W)
+"""
+
+_BACKWARD = _COMMON + r"""
+// One thread per bottom element: dx = the sum of dy over the windows whose maximum it is
+// (times Y > 0 there when RELU_MASK: the folded ReLU's backward). No atomics, no zeroing.
+extern "C" __global__ void max_pool_backward""" + _BACKWARD_HEAD + r"""        DECOMPOSE(t, C, H, W)
         int hp = h + ph, wp = w + pw;
         int oh0 = hp < kh ? 0 : (hp - kh) / sh + 1, oh1 = min(hp / sh + 1, OH);
         int ow0 = wp < kw ? 0 : (wp - kw) / sw + 1, ow1 = min(wp / sw + 1, OW);
@@ -92,14 +96,7 @@ _BACKWARD_TILED = _COMMON + r"""
 // Windows that tile the bottom (kernel = stride, no pad, every element in a window): one
 // thread per window writes its kh x kw bottom elements, dY (masked when RELU_MASK) at the
 // maximum and 0 elsewhere; far fewer index divisions than one thread per bottom element.
-extern "C" __global__ void max_pool_backward_tiled(
-        const T_DY* dy, const T_Y* y, const unsigned char* argmax, T_DX* dx, long long total,
-        int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw,
-        long long yn, long long yc, long long yh, long long yw,
-        long long xn, long long xc, long long xh, long long xw, int c_fastest) {
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
-         t += (long long)gridDim.x * blockDim.x) {
-        DECOMPOSE(t, C, OH, OW)
+extern "C" __global__ void max_pool_backward_tiled""" + _BACKWARD_HEAD + r"""        DECOMPOSE(t, C, OH, OW)
         int where = argmax[t];
         long long o = n * yn + c * yc + h * yh + w * yw;
         float g = load_f(dy, o);
