@@ -64,18 +64,6 @@ def make_graph(kind, xs, ws):
     return g, operands
 
 
-def elapsed_ms(launch, repeats):
-    import cupy
-    launch()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        launch()
-    end.record()
-    end.synchronize()
-    return cupy.cuda.get_elapsed_time(start, end) / repeats
-
-
 def probe(kind, xs, ws, deadline):
     import cupy
     from vggcaffe.gpu import cudnn_conv as cc
@@ -84,7 +72,7 @@ def probe(kind, xs, ws, deadline):
     pack = {t: a.data.ptr for t, a in operands.items()}
     g.build_plans()
     workspace = cupy.empty(max(int(g.get_workspace_size()), 1), np.uint8)
-    pick = elapsed_ms(lambda: g.execute(pack, workspace.data.ptr, handle=handle), 2)
+    pick = cc._elapsed_ms(lambda: g.execute(pack, workspace.data.ptr, handle=handle), repeats=2)
     line = f"build_plans() pick {pick:.2f} ms, workspace {workspace.nbytes >> 20} MiB;"
     del workspace
     g, operands = make_graph(kind, xs, ws)
@@ -105,7 +93,8 @@ def probe(kind, xs, ws, deadline):
             rows.append(f"{index}:{name}:{need >> 20}M:not run")
             continue
         buf = cupy.empty(max(need, 1), np.uint8)
-        ms = elapsed_ms(lambda: g.execute_plan_at_index(pack, buf.data.ptr, index=index, handle=handle), 1)
+        ms = cc._elapsed_ms(lambda: g.execute_plan_at_index(pack, buf.data.ptr, index=index, handle=handle),
+                            repeats=1)
         rows.append(f"{index}:{name}:{need >> 20}M:{ms:.2f}ms")
         del buf
         pool.free_all_blocks()
