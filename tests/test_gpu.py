@@ -56,8 +56,7 @@ def build(text, arrays, gpu, phase="TRAIN", n_tops=1, channels_last_bottom=False
     for a in arrays:
         b = Blob(a.shape, dtype=np.float32)
         if gpu and channels_last_bottom and a.ndim == 4:
-            from vggcaffe.gpu.cudnn_conv import empty_channels_last
-            b.data, b.diff = empty_channels_last(a.shape), empty_channels_last(a.shape)
+            b.make_channels_last()
         b.data[...] = b._xp.asarray(a)
         bottom.append(b)
     top = [Blob((), dtype=np.float32) for _ in range(n_tops)]

@@ -98,11 +98,6 @@ def release():
         state["scratch"].clear()
 
 
-def empty_channels_last(shape, dtype=np.float32):
-    n, c, h, w = shape
-    return cupy.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
-
-
 def _nhwc_strides(shape):
     n, c, h, w = shape
     return [c * h * w, 1, c * w, c]
