@@ -10,6 +10,8 @@ steps and after the timed ones / PyTorch's caching allocator's peak reserved
 bytes), with where vggcaffe's goes (activations, diffs, parameters, scratch).
 PyTorch runs with cudnn.benchmark; TF32 only in tf32 mode; bf16 as autocast
 with channels_last (float32 master weights, like vggcaffe's bf16).
+"fp32-nchw" and "fp32-nhwc" run vggcaffe's strict fp32 with its convolutions
+in that layout (`vggcaffe.gpu.set_fp32_layout`), against the same PyTorch fp32 run.
 
     python tools/bench_gpu.py [--models D E] [--precisions fp32 tf32 bf16] [--iters 20] [--json out.json]
 """
@@ -65,6 +67,9 @@ def vggcaffe_run(model, precision, batch, warmup, iters, train):
     from vggcaffe.timing import fill_inputs
     backend.set_mode_gpu()
     backend.set_device(0)
+    precision, _, layout = precision.partition("-")
+    default_layout = gpu.conv_layout("fp32")
+    gpu.set_fp32_layout(layout or default_layout)
     _cupy_release()
     pool = cupy.get_default_memory_pool()
     high = _HighWater(pool)
@@ -96,6 +101,7 @@ def vggcaffe_run(model, precision, batch, warmup, iters, train):
     if train:
         del solver
     _cupy_release()
+    gpu.set_fp32_layout(default_layout)
     return batch / seconds, peak, memory
 
 
@@ -180,7 +186,8 @@ def torch_run(model, precision, batch, warmup, iters, train):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["D", "E"], choices=["D", "E"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"],
+                    choices=["fp32", "fp32-nhwc", "fp32-nchw", "tf32", "bf16"])
     ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=3)
@@ -189,13 +196,16 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
     import cupy
-    rows = []
+    rows, torch_runs = [], {}
     for model in args.models:
         for mode in args.modes:
             for precision in args.precisions:
                 run = (model, precision, args.batch, args.warmup, args.iters, mode == "train")
                 ours, our_mem, account = vggcaffe_run(*run)
-                theirs, their_mem = (None, None) if args.skip_torch else torch_run(*run)
+                peer = (model, precision.split("-")[0], mode)        # fp32-nchw is timed against fp32
+                if peer not in torch_runs:
+                    torch_runs[peer] = (None, None) if args.skip_torch else torch_run(*((peer[0], peer[1]) + run[2:]))
+                theirs, their_mem = torch_runs[peer]
                 rows.append(dict(model=model, mode=mode, precision=precision, vggcaffe_img_s=ours,
                                  torch_img_s=theirs, vggcaffe_peak_bytes=our_mem, torch_peak_bytes=their_mem,
                                  vggcaffe_memory_gib=account))
@@ -221,14 +231,14 @@ def main(argv=None):
 
 
 def _autotune_summary():
-    """Per precision: graphs tuned, how many left the heuristic's first plan, and the
-    summed ms of one run of every tuned graph with the heuristic's plan vs the chosen one."""
+    """Per precision and layout: graphs tuned, how many left the heuristic's first plan, and
+    the summed ms of one run of every tuned graph with the heuristic's plan vs the chosen one."""
     from vggcaffe.gpu import cudnn_conv
     summary = {}
     for key, plan in cudnn_conv._graphs.items():
         if plan.timings:
             first = min(plan.timings)
-            row = summary.setdefault(key[-1], dict(graphs=0, changed=0, heuristic_ms=0.0, tuned_ms=0.0))
+            row = summary.setdefault(f"{key[-1]}-{key[-2]}", dict(graphs=0, changed=0, heuristic_ms=0.0, tuned_ms=0.0))
             row["graphs"] += 1
             row["changed"] += plan.index != first
             row["heuristic_ms"] = round(row["heuristic_ms"] + plan.timings[first], 3)

@@ -2,12 +2,13 @@
 
 For each layer shape and each of fprop / dgrad / wgrad, in strict fp32 (the
 graph filter vggcaffe uses: tensor-core and down-converting engines
-deselected), channels-last, batch 64: the time and workspace of the plan that
-cuDNN's own build picks, then every plan of the heuristic ranking in order,
-built and timed once (index:engine:workspace:ms, or index:x where it does not
-build). It shows whether plan choice could close the fp32 gap (BENCHMARKS.md).
+deselected), batch 64, channels-last or NCHW (--layouts): the time and
+workspace of the plan that cuDNN's own build picks, then every plan of the
+heuristic ranking in order, built and timed once (index:engine:workspace:ms,
+or index:x where it does not build). It shows whether plan choice or layout
+could close the fp32 gap (BENCHMARKS.md).
 
-    python tools/probe_fp32_plans.py [--seconds 90] [--layers conv1_2 conv2_2 conv3_2]
+    python tools/probe_fp32_plans.py [--seconds 90] [--layers conv1_2 conv2_2 conv3_2] [--layouts nhwc nchw]
 """
 import argparse
 import sys
@@ -28,12 +29,15 @@ SHAPES = {  # x (N, C, H, W), w (K, C, 3, 3); y has x's spatial size (pad 1)
 WORKSPACE_MAX = 8 << 30      # plans needing more are listed, not run
 
 
-def make_graph(kind, xs, ws):
-    """A strict-fp32 graph for one convolution pass, and random operands for its tensors."""
+def make_graph(kind, xs, ws, layout):
+    """A strict-fp32 graph for one convolution pass in `layout`, and random operands for its tensors."""
     import cudnn
     import cupy
     from vggcaffe.gpu import cudnn_conv as cc
-    f32, strides = cudnn.data_type.FLOAT, cc._nhwc_strides
+    f32 = cudnn.data_type.FLOAT
+
+    def strides(shape):
+        return cc._strides(shape, layout)
     ys = (xs[0], ws[0], xs[2], xs[3])
     g = cudnn.pygraph(io_data_type=f32, intermediate_data_type=f32, compute_data_type=f32,
                       handle=cc._device()["handle"])
@@ -64,18 +68,18 @@ def make_graph(kind, xs, ws):
     return g, operands
 
 
-def probe(kind, xs, ws, deadline):
+def probe(kind, xs, ws, layout, deadline):
     import cupy
     from vggcaffe.gpu import cudnn_conv as cc
     handle, pool = cc._device()["handle"], cupy.get_default_memory_pool()
-    g, operands = make_graph(kind, xs, ws)
+    g, operands = make_graph(kind, xs, ws, layout)
     pack = {t: a.data.ptr for t, a in operands.items()}
     g.build_plans()
     workspace = cupy.empty(max(int(g.get_workspace_size()), 1), np.uint8)
     pick = cc._elapsed_ms(lambda: g.execute(pack, workspace.data.ptr, handle=handle), repeats=2)
     line = f"build_plans() pick {pick:.2f} ms, workspace {workspace.nbytes >> 20} MiB;"
     del workspace
-    g, operands = make_graph(kind, xs, ws)
+    g, operands = make_graph(kind, xs, ws, layout)
     pack = {t: a.data.ptr for t, a in operands.items()}
     rows = []
     for index in range(int(g.get_execution_plan_count())):
@@ -105,6 +109,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=90, help="stop probing after this long")
     ap.add_argument("--layers", nargs="+", default=["conv1_2", "conv2_2", "conv3_2"], choices=list(SHAPES))
+    ap.add_argument("--layouts", nargs="+", default=["nhwc"], choices=["nhwc", "nchw"])
     args = ap.parse_args(argv)
     from vggcaffe import backend
     from vggcaffe.gpu import set_precision
@@ -112,10 +117,11 @@ def main(argv=None):
     set_precision("fp32")
     deadline = time.time() + args.seconds
     for name in args.layers:
-        for kind in ("fprop", "dgrad", "wgrad"):
-            if time.time() > deadline:
-                return
-            print(f"{name} {kind}: {probe(kind, *SHAPES[name], deadline)}", flush=True)
+        for layout in args.layouts:
+            for kind in ("fprop", "dgrad", "wgrad"):
+                if time.time() > deadline:
+                    return
+                print(f"{name} {layout} {kind}: {probe(kind, *SHAPES[name], layout, deadline)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Imported only in GPU mode (it imports CuPy); CPU-only installs never load it.
   - folds each in-place ReLU into the convolution before it, and lets the MAX
     pool after such a convolution do the ReLU's backward on its smaller top;
   - makes convolution and pooling tops channels-last where all their consumers
-    accept any strides;
+    accept any strides (unless convolutions run NCHW: strict fp32 with
+    `set_fp32_layout("nchw")`);
   - in bf16, stores as bfloat16 the tops whose producer and consumers are all
     convolutions and MAX pools (the activations between them: half the bytes
     and no casts);
@@ -23,7 +24,7 @@ from ..layers.relu import FusedReLU, consumers, fold_relu
 from ..memory import share_diffs
 from . import cudnn_conv, pooling
 from .kernels import BF16, FusedSGD
-from .precision import PRECISIONS, get_precision, set_precision  # noqa: F401
+from .precision import PRECISIONS, conv_layout, get_precision, set_fp32_layout, set_precision  # noqa: F401
 
 # Layers whose forward and backward accept NHWC-strided (N, C, H, W) bottoms.
 LAYOUT_FREE = ("ReLU", "Pooling", "LRN", "Dropout")
@@ -63,7 +64,7 @@ def prepare_net(net, share=True):
         if not (conv or isinstance(layer, pooling.MaxPoolGPU)):
             continue
         users = consumers(net, i)
-        layer.channels_last = bool(users) and all(
+        layer.channels_last = conv_layout() == "nhwc" and bool(users) and all(
             _accepts_any_layout(net.layers[j], top[0].data) for j in users)
         if conv:
             fold_relu(net, i, users)

@@ -14,6 +14,8 @@ CuPy blobs when cuDNN is present. Two flags on the layer, set by the net pass
 Other activations enter cuDNN as NHWC copies in the compute type (float32, or
 bfloat16 held as uint16), weights as K·kh·kw·C copies; weight and bias
 gradients leave as float32 (or bfloat16, then added into the float32 diffs).
+Strict fp32 may run NCHW instead (`precision.conv_layout`): blobs and weights
+then go to cuDNN as they are, C-contiguous, and no top is channels-last.
 """
 import cupy
 import numpy as np
@@ -21,7 +23,7 @@ import numpy as np
 from ..errors import VggcaffeError
 from . import cudnn_conv as cc
 from . import kernels
-from .precision import get_precision
+from .precision import conv_layout, get_precision
 
 F32 = np.dtype(np.float32)
 # Tensor-core convolutions want 16-byte channel vectors: in these precisions a channel
@@ -38,6 +40,28 @@ def _flat(a):
 def _nhwc(shape):
     n, c, h, w = shape
     return (n, h, w, c)
+
+
+class _Layout:
+    """How cuDNN's tensors lie in memory: "nhwc" (channels-last) or "nchw" (C order)."""
+
+    def __init__(self, name):
+        self.name, self.nhwc = name, name == "nhwc"
+
+    def shape(self, shape):
+        """The memory-order shape of an (N, C, H, W) tensor or (K, C, kh, kw) filter."""
+        return _nhwc(shape) if self.nhwc else tuple(shape)
+
+    def holds(self, a):
+        """`a`, (N, C, H, W)-shaped, already lies in this layout."""
+        return cc.is_channels_last(a) if self.nhwc else a.flags.c_contiguous
+
+    def memory(self, a):
+        """The memory-order array of an `a` this layout holds."""
+        return a.transpose(0, 2, 3, 1) if self.nhwc else a
+
+
+LAYOUTS = {name: _Layout(name) for name in ("nhwc", "nchw")}
 
 
 def _choose(key, configs, build):
@@ -63,8 +87,9 @@ class CudnnConv:
 
     def __init__(self, layer):
         self.layer = layer
-        self.saved = {}          # bottom index -> X in NHWC compute type, for wgrad
+        self.saved = {}          # bottom index -> X in cuDNN's layout and compute type, for wgrad
         self.buffers = {}
+        self.layout = LAYOUTS["nhwc"]
 
     def _buffer(self, slot, shape, dtype, zeros=False):
         buf = self.buffers.get(slot)
@@ -99,14 +124,18 @@ class CudnnConv:
         precision = get_precision()
         io = kernels.BF16 if precision == "bf16" else F32
         self._check_blobs(bottom + top, io)
+        self.layout = LAYOUTS[conv_layout(precision)]
         c, cp = self._channels(precision)
-        w_io = self._weights(io, cp)                                  # (K, kh, kw, Cp)
+        w_io = self._weights(io, cp)                                  # (K, kh, kw, Cp) or (K, C, kh, kw)
         for i, (b, t) in enumerate(zip(bottom, top)):
-            x_io = self._input(i, b.data, io, cp)                     # (N, H, W, Cp)
+            x_io = self._input(i, b.data, io, cp)                     # (N, H, W, Cp) or (N, C, H, W)
             self._fprop(x_io, w_io, _padded(b.shape, cp), t.data, precision, io)
 
     def _weights(self, io, cp):
         w = cupy.ascontiguousarray(self.layer.blobs[0].data)         # (K, C, kh, kw)
+        if not self.layout.nhwc:                                      # NCHW (fp32 only: no padding)
+            self.w_io = w
+            return w
         k, c, kh, kw = w.shape
         self.w_io = self._buffer("w", (k, kh, kw, c), io)
         kernels.batched_transpose(w, self.w_io, k, c, kh * kw)
@@ -117,10 +146,13 @@ class CudnnConv:
         return self.w_io
 
     def _input(self, i, x, io, cp):
-        """X (N, C, H, W) as a contiguous NHWC array of the compute type with Cp channels
-        (a view when it already is one)."""
-        if cc.is_channels_last(x) and x.dtype == io:
-            buf = x.transpose(0, 2, 3, 1)
+        """X (N, C, H, W) as a contiguous array in cuDNN's layout and the compute type, with
+        Cp channels (a view when it already is one)."""
+        if self.layout.holds(x) and x.dtype == io:
+            buf = self.layout.memory(x)
+        elif not self.layout.nhwc:
+            buf = self._buffer(("x", i), x.shape, io)
+            buf[...] = x
         elif cc.is_channels_last(x):
             buf = self._buffer(("x", i), _nhwc(x.shape), io)
             kernels.to_bf16(_flat(x), buf.reshape(-1))
@@ -146,18 +178,19 @@ class CudnnConv:
             configs = [c for c in configs if not c[2]]
         elif y.dtype == io:                                           # a bfloat16 top: written as is
             configs = [c for c in configs if c[2]]
+        layout = self.layout
         (bias, act, out_io), plan = _choose(
-            ("fprop", layer.name) + args + (layer.bias_term, relu, y.dtype.str, precision), configs,
-            lambda config: cc.fprop_plan(*args, *config, precision))
+            ("fprop", layer.name) + args + (layer.bias_term, relu, y.dtype.str, layout.name, precision), configs,
+            lambda config: cc.fprop_plan(*args, *config, precision, layout.name))
         pointers = dict(X=x_io.data.ptr, W=w_io.data.ptr)
         if bias:
             pointers["B"] = layer.blobs[1].data.data.ptr
         out_dtype = io if out_io else F32
-        direct = cc.is_channels_last(y) and y.dtype == out_dtype
-        out = y.transpose(0, 2, 3, 1) if direct else cc.scratch("y", _nhwc(y.shape), out_dtype)
+        direct = layout.holds(y) and y.dtype == out_dtype
+        out = layout.memory(y) if direct else cc.scratch("y", layout.shape(y.shape), out_dtype)
         plan.run(Y=out.data.ptr, **pointers)
         if not direct:
-            _from_nhwc(out, y)
+            _store(out, y, layout)
         if (layer.bias_term and not bias) or (relu and not act):
             b = layer.blobs[1].data.reshape(1, -1, 1, 1) if layer.bias_term and not bias else np.float32(0)
             (kernels.bias_relu_bf16 if y.dtype == kernels.BF16 else cc.bias_relu)(b, relu and not act, y)
@@ -174,11 +207,11 @@ class CudnnConv:
         for i, (b, t) in enumerate(zip(bottom, top)):
             if not (need_dw or need_db or propagate_down[i]):
                 continue
-            dz = self._top_grad(t, io)                                # (N, Ho, Wo, K)
+            dz = self._top_grad(t, io)                                # (N, Ho, Wo, K) or (N, K, Ho, Wo)
             dy_shape = tuple(t.shape)
             if need_db:
                 db = cc.scratch("db", (dy_shape[1],), F32)
-                cc.bias_grad_plan(dy_shape, precision).run(DY=dz.data.ptr, DB=db.data.ptr)
+                cc.bias_grad_plan(dy_shape, precision, self.layout.name).run(DY=dz.data.ptr, DB=db.data.ptr)
                 layer.blobs[1].diff += db
             if need_dw:
                 self._wgrad(i, dz, _padded(b.shape, cp), dy_shape, precision, io)
@@ -186,9 +219,18 @@ class CudnnConv:
                 self._dgrad(dz, b, dy_shape, precision, io, cp)
 
     def _top_grad(self, t, io):
-        """dZ = dY (masked by Y > 0 when the ReLU was fused and no pool did it), NHWC, compute type."""
+        """dZ = dY (masked by Y > 0 when the ReLU was fused and no pool did it), in cuDNN's
+        layout and the compute type."""
         dy, y = t.diff, t.data
         relu = getattr(self.layer, "fused_relu", False) and not getattr(self.layer, "relu_grad_in_pool", False)
+        if not self.layout.nhwc:                                       # fp32, NCHW
+            if relu:
+                kernels.relu_grad(dy, y, dy)
+            if dy.flags.c_contiguous:
+                return dy
+            buf = cc.scratch("dz", dy.shape, F32)
+            buf[...] = dy
+            return buf
         if dy.dtype == kernels.BF16:                                   # a bfloat16 top, channels-last
             if relu:
                 kernels.relu_grad_bf16_inplace(_flat(y), _flat(dy))
@@ -215,10 +257,15 @@ class CudnnConv:
         k, c, kh, kw = w_blob.shape
         cp = x_shape[1]
         args = (tuple(x_shape), dy_shape, (k, cp, kh, kw), self.geom)
-        out_io, plan = _choose(("wgrad", self.layer.name) + args + (precision,), [True, False] if io != F32 else [False],
-                               lambda o: cc.wgrad_plan(*args, o, precision))
-        dw = cc.scratch("dw", (k, kh, kw, cp), io if out_io else F32)
+        layout = self.layout
+        out_io, plan = _choose(("wgrad", self.layer.name) + args + (layout.name, precision),
+                               [True, False] if io != F32 else [False],
+                               lambda o: cc.wgrad_plan(*args, o, precision, layout.name))
+        dw = cc.scratch("dw", layout.shape((k, cp, kh, kw)), io if out_io else F32)
         plan.run(X=self.saved[i].data.ptr, DY=dz.data.ptr, DW=dw.data.ptr)
+        if not layout.nhwc:
+            w_blob.diff += dw
+            return
         if cp != c:
             dw = cupy.ascontiguousarray(dw[..., :c])
         kernels.batched_transpose(dw, w_blob.diff, k, kh * kw, c, accumulate=True)
@@ -228,14 +275,15 @@ class CudnnConv:
         k, c, kh, kw = self.layer.blobs[0].shape
         args = (dy_shape, (k, cp, kh, kw), _padded(dx.shape, cp), self.geom)
         options = [False] if io == F32 else [True, False] if dx.dtype == io else [False, True]
-        out_io, plan = _choose(("dgrad", self.layer.name) + args + (dx.dtype.str, precision), options,
-                               lambda o: cc.dgrad_plan(*args, o, precision))
+        layout = self.layout
+        out_io, plan = _choose(("dgrad", self.layer.name) + args + (dx.dtype.str, layout.name, precision), options,
+                               lambda o: cc.dgrad_plan(*args, o, precision, layout.name))
         out_dtype = io if out_io else F32
-        direct = cc.is_channels_last(dx) and dx.dtype == out_dtype and cp == c
-        out = dx.transpose(0, 2, 3, 1) if direct else cc.scratch("dx", _nhwc(args[2]), out_dtype)
+        direct = layout.holds(dx) and dx.dtype == out_dtype and cp == c
+        out = layout.memory(dx) if direct else cc.scratch("dx", layout.shape(args[2]), out_dtype)
         plan.run(DY=dz.data.ptr, W=self.w_io.data.ptr, DX=out.data.ptr)
         if not direct:
-            _from_nhwc(out if cp == c else cupy.ascontiguousarray(out[..., :c]), dx)
+            _store(out if cp == c else cupy.ascontiguousarray(out[..., :c]), dx, layout)
 
 
 def _padded(shape, cp):
@@ -243,9 +291,11 @@ def _padded(shape, cp):
     return (n, cp, h, w)
 
 
-def _from_nhwc(src, dst):
-    """dst (N, C, H, W), either layout, = src, a contiguous NHWC float32 or bf16 array."""
-    if cc.is_channels_last(dst) and src.dtype == dst.dtype:
+def _store(src, dst, layout):
+    """dst (N, C, H, W), either layout, = src, a contiguous float32 or bf16 array in `layout`."""
+    if not layout.nhwc:
+        dst[...] = src
+    elif cc.is_channels_last(dst) and src.dtype == dst.dtype:
         _flat(dst)[...] = src.reshape(-1)
     elif cc.is_channels_last(dst):
         (kernels.to_bf16 if dst.dtype == kernels.BF16 else kernels.from_bf16)(src.reshape(-1), _flat(dst))

@@ -1,10 +1,12 @@
 """Convolution through cuDNN graphs (NVIDIA's cudnn frontend) on CuPy blobs.
 
 Shapes stay Caffe's logical NCHW; cuDNN runs channels-last (NHWC memory,
-filters K·kh·kw·C), as it is fastest on tensor cores. A top blob the net pass
-(`vggcaffe.gpu.prepare_net`) marks `channels_last` holds NCHW-shaped views
-with NHWC strides, so cuDNN reads and writes it in place; other blobs are
-copied through the tiled transpose kernels.
+filters K·kh·kw·C), as it is fastest on tensor cores, or, in strict fp32 when
+asked (`precision.conv_layout`), NCHW, where its Winograd and FFT engines are;
+each plan function takes the layout, and graphs are cached per layout. A top
+blob the net pass (`vggcaffe.gpu.prepare_net`) marks `channels_last` holds
+NCHW-shaped views with NHWC strides, so cuDNN reads and writes it in place;
+other blobs are copied through the tiled transpose kernels.
 
     forward    Y = relu?(conv(X, W) + b)           one fused graph (fprop + bias + ReLU)
     backward   dZ = dY * (Y > 0) if the ReLU was fused, cast to the compute type
@@ -101,6 +103,14 @@ def release():
 def _nhwc_strides(shape):
     n, c, h, w = shape
     return [c * h * w, 1, c * w, c]
+
+
+def _strides(shape, layout):
+    """cuDNN strides of an (N, C, H, W) tensor held in `layout` ("nhwc" or "nchw")."""
+    if layout == "nhwc":
+        return _nhwc_strides(shape)
+    n, c, h, w = shape
+    return [c * h * w, h * w, w, 1]
 
 
 # --- graphs ---------------------------------------------------------------------
@@ -239,11 +249,11 @@ def _conv_args(geom):
     return dict(padding=list(pad), stride=list(stride), dilation=list(dilation))
 
 
-def fprop_plan(x_shape, w_shape, y_shape, geom, bias, relu, out_io, precision):
+def fprop_plan(x_shape, w_shape, y_shape, geom, bias, relu, out_io, precision, layout="nhwc"):
     def build(g, io):
         fp32 = cudnn.data_type.FLOAT
-        x = g.tensor(name="X", dim=list(x_shape), stride=_nhwc_strides(x_shape), data_type=io)
-        w = g.tensor(name="W", dim=list(w_shape), stride=_nhwc_strides(w_shape), data_type=io)
+        x = g.tensor(name="X", dim=list(x_shape), stride=_strides(x_shape, layout), data_type=io)
+        w = g.tensor(name="W", dim=list(w_shape), stride=_strides(w_shape, layout), data_type=io)
         y = g.conv_fprop(image=x, weight=w, compute_data_type=fp32, **_conv_args(geom))
         tensors = {"X": x, "W": w}
         if bias:
@@ -252,41 +262,41 @@ def fprop_plan(x_shape, w_shape, y_shape, geom, bias, relu, out_io, precision):
             y = g.bias(input=y, bias=tensors["B"], compute_data_type=fp32)
         if relu:
             y = g.relu(input=y, compute_data_type=fp32)
-        y.set_output(True).set_dim(list(y_shape)).set_stride(_nhwc_strides(y_shape))
+        y.set_output(True).set_dim(list(y_shape)).set_stride(_strides(y_shape, layout))
         y.set_data_type(io if out_io else fp32)
         tensors["Y"] = y
         return tensors
-    return _plan(("fprop", x_shape, w_shape, geom, bias, relu, out_io, precision), build)
+    return _plan(("fprop", x_shape, w_shape, geom, bias, relu, out_io, layout, precision), build)
 
 
-def dgrad_plan(dy_shape, w_shape, x_shape, geom, out_io, precision):
+def dgrad_plan(dy_shape, w_shape, x_shape, geom, out_io, precision, layout="nhwc"):
     def build(g, io):
-        dy = g.tensor(name="DY", dim=list(dy_shape), stride=_nhwc_strides(dy_shape), data_type=io)
-        w = g.tensor(name="W", dim=list(w_shape), stride=_nhwc_strides(w_shape), data_type=io)
+        dy = g.tensor(name="DY", dim=list(dy_shape), stride=_strides(dy_shape, layout), data_type=io)
+        w = g.tensor(name="W", dim=list(w_shape), stride=_strides(w_shape, layout), data_type=io)
         dx = g.conv_dgrad(loss=dy, filter=w, compute_data_type=cudnn.data_type.FLOAT, **_conv_args(geom))
-        dx.set_output(True).set_dim(list(x_shape)).set_stride(_nhwc_strides(x_shape))
+        dx.set_output(True).set_dim(list(x_shape)).set_stride(_strides(x_shape, layout))
         dx.set_data_type(io if out_io else cudnn.data_type.FLOAT)
         return {"DY": dy, "W": w, "DX": dx}
-    return _plan(("dgrad", dy_shape, w_shape, x_shape, geom, out_io, precision), build)
+    return _plan(("dgrad", dy_shape, w_shape, x_shape, geom, out_io, layout, precision), build)
 
 
-def wgrad_plan(x_shape, dy_shape, w_shape, geom, out_io, precision):
+def wgrad_plan(x_shape, dy_shape, w_shape, geom, out_io, precision, layout="nhwc"):
     def build(g, io):
-        x = g.tensor(name="X", dim=list(x_shape), stride=_nhwc_strides(x_shape), data_type=io)
-        dy = g.tensor(name="DY", dim=list(dy_shape), stride=_nhwc_strides(dy_shape), data_type=io)
+        x = g.tensor(name="X", dim=list(x_shape), stride=_strides(x_shape, layout), data_type=io)
+        dy = g.tensor(name="DY", dim=list(dy_shape), stride=_strides(dy_shape, layout), data_type=io)
         dw = g.conv_wgrad(image=x, loss=dy, compute_data_type=cudnn.data_type.FLOAT, **_conv_args(geom))
-        dw.set_output(True).set_dim(list(w_shape)).set_stride(_nhwc_strides(w_shape))
+        dw.set_output(True).set_dim(list(w_shape)).set_stride(_strides(w_shape, layout))
         dw.set_data_type(io if out_io else cudnn.data_type.FLOAT)
         return {"X": x, "DY": dy, "DW": dw}
-    return _plan(("wgrad", x_shape, dy_shape, w_shape, geom, out_io, precision), build)
+    return _plan(("wgrad", x_shape, dy_shape, w_shape, geom, out_io, layout, precision), build)
 
 
-def bias_grad_plan(dy_shape, precision):
+def bias_grad_plan(dy_shape, precision, layout="nhwc"):
     def build(g, io):
         k = dy_shape[1]
-        dy = g.tensor(name="DY", dim=list(dy_shape), stride=_nhwc_strides(dy_shape), data_type=io)
+        dy = g.tensor(name="DY", dim=list(dy_shape), stride=_strides(dy_shape, layout), data_type=io)
         db = g.reduction(input=dy, mode=cudnn.reduction_mode.ADD, compute_data_type=cudnn.data_type.FLOAT)
         db.set_output(True).set_dim([1, k, 1, 1]).set_stride([k, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
         return {"DY": dy, "DB": db}
-    return _plan(("bias_grad", dy_shape, precision), build, convolution=False)
+    return _plan(("bias_grad", dy_shape, layout, precision), build, convolution=False)
 

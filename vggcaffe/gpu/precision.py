@@ -7,14 +7,22 @@ bf16   float32 blobs and master weights (the SGD update stays float32);
        convolutions compute on bfloat16 copies of activations and weights
        (cuDNN, float32 accumulation); other GEMMs use TF32.
 The policy is process-wide; cuDNN graphs are cached per precision.
+
+Convolution memory layout: tf32 and bf16 run channels-last (NHWC; tensor cores
+want it). Strict fp32 runs channels-last too unless `set_fp32_layout("nchw")`
+(or VGGCAFFE_FP32_LAYOUT=nchw) asks for NCHW: cuDNN documents its fp32
+Winograd and FFT algorithms for NCHW tensors only, and PyTorch's fp32
+convolutions run NCHW (`tools/bench_gpu.py --precisions fp32 fp32-nchw`
+compares the two). Nets prepared after the call use it.
 """
 import os
 
 from ..errors import VggcaffeError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+LAYOUTS = ("nhwc", "nchw")
 
-_state = {"name": "fp32"}
+_state = {"name": "fp32", "fp32_layout": os.environ.get("VGGCAFFE_FP32_LAYOUT", "nhwc").lower()}
 
 
 def set_precision(name):
@@ -29,6 +37,23 @@ def set_precision(name):
 
 def get_precision():
     return _state["name"]
+
+
+def set_fp32_layout(name):
+    """Choose the memory layout of strict-fp32 convolutions: "nhwc" or "nchw"."""
+    name = (name or "nhwc").lower()
+    if name not in LAYOUTS:
+        raise VggcaffeError(f"unknown layout '{name}'; choose one of {', '.join(LAYOUTS)}")
+    _state["fp32_layout"] = name
+    return name
+
+
+def conv_layout(precision=None):
+    """The memory layout convolutions run in under `precision` (default: the current one)."""
+    precision = precision or _state["name"]
+    if precision == "fp32" and _state["fp32_layout"] not in LAYOUTS:
+        raise VggcaffeError(f"VGGCAFFE_FP32_LAYOUT='{_state['fp32_layout']}': choose one of {', '.join(LAYOUTS)}")
+    return _state["fp32_layout"] if precision == "fp32" else "nhwc"
 
 
 def _set_cublas_math(tf32):
