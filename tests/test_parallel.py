@@ -87,20 +87,27 @@ def reference(batch, iters, dtype):
 
 
 def check_two_ranks_equal_one_process(out_dir, device):
-    """2 ranks at batch b = 1 process at 2b (f64, f32, global_batch); resume; returns mpirun's stdout."""
+    """2 ranks at batch b = 1 process at 2b (f64, f32, layerwise, iter_size, global_batch);
+    resume; returns mpirun's stdout."""
     b, iters = 4, 4
     status, out, err, _ = mpirun(SCRIPTS / "train_tiny.py", out_dir, b, iters, device)
     assert status == 0, err
-    assert out.count(f"Global batch {2 * b} = 2 ranks x {b}") == 5      # f64, f32, global, resumed (2)
-    tolerance = {"f64": 1e-10, "f32": 1e-5, "global": 1e-10}
-    for case, dtype in (("f64", np.float64), ("f32", np.float32), ("global", np.float64)):
+    assert out.count(f"Global batch {2 * b} = 2 ranks x {b}\n") == 6    # f64, f32, layerwise, global, resumed (2)
+    assert out.count(f"Global batch {2 * b} = 2 ranks x {b // 2} x iter_size 2") == 1
+    layerwise = out.count("layer by layer during backward")
+    assert layerwise + out.count(", after backward") == 7 and layerwise >= 2
+    tolerance = {"f64": 1e-10, "f32": 1e-5, "layerwise": 1e-10, "iter_size": 1e-10, "global": 1e-10}
+    for case, dtype in (("f64", np.float64), ("f32", np.float32), ("layerwise", np.float64),
+                        ("iter_size", np.float64), ("global", np.float64)):
         want, want_losses = reference(2 * b, iters, dtype)
         ranks = [np.load(out_dir / f"{case}_rank{r}.npz") for r in (0, 1)]
         for name, w in want.items():
             assert max_relative_difference(ranks[0][name], w) <= tolerance[case], (case, name)
             assert np.array_equal(ranks[0][name], ranks[1][name]), (case, name)
         np.testing.assert_allclose(ranks[0]["losses"], want_losses, rtol=tolerance[case])
-    f64 = np.load(out_dir / "f64_rank0.npz")
+    f64, layerwise = np.load(out_dir / "f64_rank0.npz"), np.load(out_dir / "layerwise_rank0.npz")
+    for name in want:       # 2 ranks: a + b is exact either way, so layer-wise = packed, bit for bit
+        np.testing.assert_array_equal(f64[name], layerwise[name])
     resumed = [np.load(out_dir / f"resumed_rank{r}.npz") for r in (0, 1)]
     for name in want:
         np.testing.assert_array_equal(resumed[0][name], f64[name])
@@ -114,7 +121,8 @@ def check_two_ranks_equal_one_process(out_dir, device):
 @needs_mpi
 def test_two_ranks_give_the_weights_of_one_process_with_the_whole_batch(tmp_path):
     out = check_two_ranks_equal_one_process(tmp_path, "cpu")
-    assert "gradients averaged by MPI Allreduce on host buffers" in out
+    assert out.count("gradients averaged by MPI Allreduce on host buffers, after backward") == 5
+    assert out.count("gradients averaged by MPI Allreduce on host buffers, layer by layer during backward") == 2
 
 
 def _gpu_count():
@@ -254,3 +262,65 @@ def test_packed_buffers_round_trip_per_dtype():
     packed.unpack(arrays, divide_by=4)
     for a, o in zip(arrays, originals):
         np.testing.assert_array_equal(a, o / 2)
+
+
+SHARED_WEIGHTS = """
+force_backward: true
+layer { name: "x" type: "Input" top: "x" top: "target"
+        input_param { shape { dim: 4 dim: 6 } shape { dim: 4 dim: 6 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "x" top: "fc1" param { name: "w" } param { name: "b1" }
+        inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" param { name: "w" } param { name: "b2" }
+        inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "fc2" bottom: "target" top: "loss" }
+"""
+
+
+class DoublingReducer:
+    """Stands in for MPI between 2 ranks holding the same gradients: a collective sums to
+    2x; records the layer whose backward had just run when each one started."""
+
+    def __init__(self, current):
+        self.current, self.started = current, []
+
+    def start(self, flat):
+        self.started.append((self.current[-1], flat.size))
+        return flat
+
+    def progress(self, handles):
+        assert all(isinstance(h, np.ndarray) for h in handles)
+
+    def wait(self, flat):
+        flat *= 2
+
+
+def test_layerwise_reduce_starts_each_layer_after_its_backward_and_averages():
+    """One collective per layer with params, started right after that layer's backward (fc2's
+    bias after fc2; the weight fc1 and fc2 share, with fc1's bias, after fc1, its last
+    backward); finish leaves sum / ranks in every diff; unarmed, nothing starts."""
+    from vggcaffe.net import Net
+    param = parse_text(SHARED_WEIGHTS, caffe_pb2.NetParameter())
+    grads = []
+    for layerwise in (False, True):
+        net = Net(param, phase="TRAIN", seed=3)
+        net.blobs["x"].data[...] = np.random.default_rng(1).standard_normal((4, 6))
+        net.blobs["target"].data[...] = np.random.default_rng(2).standard_normal((4, 6))
+        current = []
+        net.after_backward.append(current.append)
+        reducer = DoublingReducer(current)
+        reduce = parallel.LayerwiseReduce(net, reducer, size=2)
+        net.clear_param_diffs()
+        net.forward_backward()
+        assert reducer.started == [] and not reduce.pending
+        if layerwise:
+            net.clear_param_diffs()
+            reduce.arm()
+            net.forward_backward()
+            fc1, fc2 = (list(net.layer_dict).index(name) for name in ("fc1", "fc2"))
+            assert reducer.started == [(fc2, 6), (fc1, 36 + 6)]
+            reduce.finish()
+            assert not reduce.armed
+        grads.append([b.diff.copy() for b in net.learnable_params])
+    assert len(grads[0]) == 3
+    for plain, reduced in zip(*grads):
+        np.testing.assert_array_equal(plain, reduced)

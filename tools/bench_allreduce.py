@@ -10,8 +10,11 @@ Every rank does the same work at the same time, as in training. Rank 0 prints:
   and min of --repeats after one warm-up, with the algorithm bandwidth
   (bytes / t) and the bus bandwidth (2 (N-1)/N x bytes / t, NCCL's convention);
 - with --model: forward + backward of that net on synthetic inputs at --batch
-  per rank (median of --iters after one warm-up), and the Communicator's whole
-  gradient step on the net's real parameters (pack, allreduce, / N, unpack).
+  per rank (median of --iters after one warm-up), the Communicator's whole
+  gradient step on the net's real parameters (pack, allreduce, / N, unpack),
+  and a whole step (forward, backward, averaged gradients) both ways: one
+  packed allreduce after backward and layer by layer during backward
+  (layer_wise_reduce), with the time the overlap saves.
 """
 import argparse
 import time
@@ -19,7 +22,7 @@ import time
 import numpy as np
 
 from vggcaffe import backend
-from vggcaffe.parallel import Communicator
+from vggcaffe.parallel import Communicator, LayerwiseReduce
 
 VGG16_PARAMS = 138_357_544
 
@@ -75,6 +78,25 @@ def bench_model(comm, model, batch, iters, repeats):
            timed(lambda: (net.clear_param_diffs(), net.forward_backward()), iters, comm))
     report(comm, f"gradient step (pack, allreduce, /N, unpack) of {count:,} params",
            timed(lambda: comm.allreduce_gradients(params), repeats, comm), count * params[0].data.itemsize)
+    layerwise = LayerwiseReduce(net, comm.reducer, comm.size)
+
+    def after_backward():
+        net.clear_param_diffs()
+        net.forward_backward()
+        comm.allreduce_gradients(params)
+
+    def during_backward():
+        net.clear_param_diffs()
+        layerwise.arm()
+        net.forward_backward()
+        layerwise.finish()
+    packed = timed(after_backward, iters, comm)
+    overlapped = timed(during_backward, iters, comm)
+    report(comm, "whole step, one packed allreduce after backward", packed)
+    report(comm, f"whole step, layer by layer during backward ({len(layerwise.buckets)} collectives)", overlapped)
+    if comm.rank == 0:
+        saved = np.median(packed) - np.median(overlapped)
+        print(f"overlap saves {saved * 1e3:.1f} ms per step ({saved / np.median(packed):.1%})", flush=True)
 
 
 def main():

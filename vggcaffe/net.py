@@ -120,6 +120,7 @@ class Net:
         self.param = filter_net(param, state)
         self._seed = np.random.SeedSequence(seed)
         self._rank = rank
+        self.after_backward = []    # callables of a layer index, run after that layer's turn in backward
         self._build(self.param)
         if weights:
             for path in str(weights).split(","):
@@ -323,11 +324,14 @@ class Net:
         return sum(self._forward_layer(i) for i in range(lo, hi + 1))
 
     def backward_all(self, start=None, end=None):
-        """Backward through layers end..start that need it."""
+        """Backward through layers end..start that need it; after each layer's turn (run or
+        not), the `after_backward` callables get its index (Caffe's add_after_backward)."""
         lo, hi = self._index(start, 0), self._index(end, len(self.layers) - 1)
         for i in range(hi, lo - 1, -1):
             if self._need_backward[i]:
                 self.layers[i].backward(self._tops[i], self._bottom_need[i], self._bottoms[i])
+            for hook in self.after_backward:
+                hook(i)
 
     def forward_backward(self):
         """Forward and backward; the loss is read back once backward is queued, so on the

@@ -16,10 +16,16 @@ The Communicator is what the solver calls:
   setup(solver)                checks that every rank has the same solver and
                                net, shards the data layers, broadcasts rank 0's
                                weights and prints the global batch
+  reduce_during_backward()     before the last backward of a step: when
+                               reducing layer-wise (see `layer_wise`), each
+                               layer's gradients start their collective as soon
+                               as backward has passed the layer, while the
+                               layers below run backward
   allreduce_gradients(params, loss)
-                               averages the gradients in place (one packed
-                               buffer per dtype, one collective each); returns
-                               the mean loss over the ranks
+                               averages the gradients in place: waits for the
+                               layer-wise collectives, or (layer_wise_reduce:
+                               false) reduces one packed buffer per dtype;
+                               returns the mean loss over the ranks
   broadcast_params(blobs)      rank 0's weights (after --weights, --snapshot)
   mean(values), bcast_object(obj)
                                display values averaged over the ranks; rank
@@ -102,6 +108,7 @@ class Communicator:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.reducer = None
+        self.layerwise = None
         self._grads = PackedBuffers()
         _active[:] = [self]
         self._abort_on_uncaught_exception()
@@ -145,15 +152,19 @@ class Communicator:
         """Same definitions everywhere, sharded data, rank 0's weights; print the global batch."""
         self.check_same_definitions(solver)
         params = solver.net.learnable_params
+        self.layerwise = None
         if params:
             self.reducer = self.make_reducer(params[0].data)
+            if layer_wise(solver.param, self.reducer):
+                self.layerwise = LayerwiseReduce(solver.net, self.reducer, self.size)
         shards = [layer for layer in solver.net.layers if hasattr(layer, "set_shard")]
         for layer in shards:
             layer.set_shard(self.rank, self.size)
         self.broadcast_params(params)
         root = self.rank == 0
+        when = ", layer by layer during backward" if self.layerwise else ", after backward"
         log(f"Data parallel over {self.size} ranks; gradients averaged by "
-            f"{self.reducer.name if self.reducer else 'nothing (no learnable params)'}", root=root)
+            f"{self.reducer.name + when if self.reducer else 'nothing (no learnable params)'}", root=root)
         if not shards:
             log("Warning: the train net has no shardable data layer; every rank reads its own input", root=root)
             return
@@ -188,9 +199,16 @@ class Communicator:
         return PinnedMpiReducer(self.world)
 
     # ------------------------------------------------------------ every iteration
+    def reduce_during_backward(self):
+        """Let the next backward start each layer's collective (when layer-wise reduction is on)."""
+        if self.layerwise is not None:
+            self.layerwise.arm()
+
     def allreduce_gradients(self, params, loss=0.0):
         """Average the params' diffs over the ranks in place; return the mean of `loss` over the ranks."""
-        if params:
+        if self.layerwise is not None and self.layerwise.armed and params is self.layerwise.params:
+            self.layerwise.finish()
+        elif params:
             diffs = [blob.diff for blob in params]
             for flat in self._grads.pack(diffs):
                 self.reducer.allreduce_sum(flat)
@@ -229,6 +247,17 @@ class Communicator:
             state = layer.state() if hasattr(layer, "set_state") else None
             if isinstance(state, dict) and "rng" in state:
                 layer.set_state(dict(state, rng=_rank_state(state["rng"], self.rank)))
+
+
+def layer_wise(solver_param, reducer):
+    """Whether to reduce layer by layer during backward. The solver's layer_wise_reduce
+    (Caffe's field 41) decides when given; unset, it is Caffe's default (true) for NCCL,
+    whose collectives run on the device beside backward, and false for MPI on host
+    buffers, whose collectives take the CPU the ranks compute on: there, on 2 ranks of a
+    2-core machine, it made VGG-16 steps 10-21% slower (SCALING.md)."""
+    if solver_param.HasField("layer_wise_reduce"):
+        return solver_param.layer_wise_reduce
+    return isinstance(reducer, NcclReducer)
 
 
 def _rank_state(state, rank):
@@ -285,8 +314,63 @@ class PackedBuffers:
                 xp.divide(flat[offset:offset + n].reshape(arrays[i].shape), divide_by, out=arrays[i])
 
 
+class LayerwiseReduce:
+    """Caffe's layer_wise_reduce: the gradients of a layer's params are summed over the
+    ranks as soon as backward has passed that layer, while the layers below it run
+    backward (one nonblocking collective per layer with params, on a packed buffer of
+    its own). A param shared by several layers goes with the lowest of them, whose
+    backward is its last. Armed for the last backward of a step (the last of
+    iter_size); `finish` waits for every collective and writes the means back into
+    the diffs. Reducers give start(flat) -> handle, progress(handles), wait(handle)."""
+
+    def __init__(self, net, reducer, size):
+        self.params, self.reducer, self.size = net.learnable_params, reducer, size
+        owner = {}
+        for i, layer in enumerate(net.layers):
+            for blob in layer.blobs:
+                owner.setdefault(id(blob), i)              # the lowest layer holding it
+        self.buckets = {}                                   # layer index -> param indices
+        for k, blob in enumerate(self.params):
+            self.buckets.setdefault(owner[id(blob)], []).append(k)
+        self.buffers = {i: PackedBuffers() for i in self.buckets}
+        self.pending, self.armed = {}, False
+        net.after_backward.append(self.after_layer)
+
+    def arm(self):
+        """Start collectives during the next backward (any left from a step never finished
+        are waited for and dropped)."""
+        for handles in self.pending.values():
+            for handle in handles:
+                self.reducer.wait(handle)
+        self.pending, self.armed = {}, True
+
+    def after_layer(self, i):
+        if not self.armed:
+            return
+        if i in self.buckets and i not in self.pending:
+            self._start(i)
+        self.reducer.progress([h for handles in self.pending.values() for h in handles])
+
+    def _start(self, i):
+        diffs = [self.params[k].diff for k in self.buckets[i]]
+        self.pending[i] = [self.reducer.start(flat) for flat in self.buffers[i].pack(diffs)]
+
+    def finish(self):
+        """Wait for every layer's collective (starting those backward did not reach) and
+        leave the mean over the ranks in each diff."""
+        for i in self.buckets:
+            if i not in self.pending:
+                self._start(i)
+        for i, handles in self.pending.items():
+            for handle in handles:
+                self.reducer.wait(handle)
+            self.buffers[i].unpack([self.params[k].diff for k in self.buckets[i]], divide_by=self.size)
+        self.pending, self.armed = {}, False
+
+
 class MpiReducer:
-    """MPI Allreduce / Bcast in place on NumPy buffers (the CPU path)."""
+    """MPI Allreduce / Bcast in place on NumPy buffers (the CPU path). Nonblocking
+    collectives (Iallreduce) advance when MPI is called: `progress` tests them."""
     name = "MPI Allreduce on host buffers"
 
     def __init__(self, world):
@@ -299,6 +383,16 @@ class MpiReducer:
     def bcast(self, flat):
         self.world.Bcast(flat, root=0)
 
+    def start(self, flat):
+        return self.world.Iallreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+
+    def progress(self, handles):
+        if handles:
+            self.MPI.Request.Testall(handles)
+
+    def wait(self, handle):
+        handle.Wait()
+
 
 class PinnedMpiReducer(MpiReducer):
     """GPU buffers reduced by MPI through pinned host copies (ranks share a GPU, or no NCCL)."""
@@ -309,7 +403,7 @@ class PinnedMpiReducer(MpiReducer):
         self.host = {}
 
     def _host(self, flat):
-        key = (flat.dtype.str, flat.size)
+        key = (flat.data.ptr, flat.dtype.str, flat.size)     # one per device buffer: several are in flight
         if key not in self.host:
             import cupy
             memory = cupy.cuda.alloc_pinned_memory(flat.nbytes)
@@ -326,6 +420,18 @@ class PinnedMpiReducer(MpiReducer):
         super().bcast(host)
         flat.set(host)
 
+    def start(self, flat):
+        host = flat.get(out=self._host(flat))             # waits for the device's work so far
+        return super().start(host), flat, host
+
+    def progress(self, handles):
+        super().progress([request for request, _, _ in handles])
+
+    def wait(self, handle):
+        request, flat, host = handle
+        request.Wait()
+        flat.set(host)
+
 
 class NcclReducer:
     """NCCL allreduce / broadcast on device buffers; the unique id travels over MPI."""
@@ -336,6 +442,7 @@ class NcclReducer:
         self.nccl = nccl
         uid = world.bcast(nccl.get_unique_id() if world.Get_rank() == 0 else None, root=0)
         self.comm = nccl.NcclCommunicator(world.Get_size(), uid, world.Get_rank())
+        self.stream = None          # the side stream of layer-wise allreduces, made on first use
 
     def _args(self, flat):
         import cupy
@@ -351,3 +458,21 @@ class NcclReducer:
     def bcast(self, flat):
         ptr, count, kind, stream = self._args(flat)
         self.comm.bcast(ptr, count, kind, 0, stream)
+
+    def start(self, flat):
+        """Allreduce on a side stream once the current stream's work so far is done; the
+        current stream goes on with backward. The handle is the side stream's event."""
+        import cupy
+        if self.stream is None:
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.stream.wait_event(cupy.cuda.get_current_stream().record())
+        ptr, count, kind, _ = self._args(flat)
+        self.comm.allReduce(ptr, ptr, count, kind, self.nccl.NCCL_SUM, self.stream.ptr)
+        return self.stream.record()
+
+    def progress(self, handles):
+        """NCCL runs on the device: nothing to drive from the host."""
+
+    def wait(self, handle):
+        import cupy
+        cupy.cuda.get_current_stream().wait_event(handle)

@@ -142,10 +142,12 @@ class SGDSolver:
 
     def forward_backward(self):
         self.net.clear_param_diffs()
-        loss = 0.0
-        for _ in range(max(1, self.param.iter_size)):
+        loss, iter_size = 0.0, max(1, self.param.iter_size)
+        for k in range(iter_size):
+            if self.comm and k == iter_size - 1:
+                self.comm.reduce_during_backward()      # layer_wise_reduce: in the last backward
             loss += self.net.forward_backward()
-        return loss / max(1, self.param.iter_size)
+        return loss / iter_size
 
     def apply_update(self, rate):
         p = self.param
