@@ -215,8 +215,9 @@ def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layou
     assert rel_err(gb[0].diff, cb[0].diff) <= bound, "dX"
     for j, (c, g) in enumerate(zip(cpu.blobs, gpu.blobs)):
         assert rel_err(g.diff, c.diff) <= bound, f"param[{j}] diff"
-    kinds = {(k[0], k[-2]) for k in cudnn_conv._graphs if tuple(ct[0].shape) in k and k[-1] == precision}
     want = layout if precision == "fp32" else "nhwc"
+    assert gpu._gpu.layout.name == want
+    kinds = {(k[0], k[-2]) for k in cudnn_conv._graphs if tuple(ct[0].shape) in k and k[-1] == precision}
     assert {("fprop", want), ("dgrad", want), ("wgrad", want)} <= kinds, kinds
 
 

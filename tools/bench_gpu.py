@@ -60,16 +60,25 @@ def _cupy_release():
 
 
 def vggcaffe_run(model, precision, batch, warmup, iters, train):
-    import cupy
+    """(img/s, peak bytes, memory account) of vggcaffe; `precision` may name the fp32 layout."""
     from vggcaffe import backend, gpu
-    from vggcaffe.net import Net
-    from vggcaffe.solver import SGDSolver
-    from vggcaffe.timing import fill_inputs
     backend.set_mode_gpu()
     backend.set_device(0)
     precision, _, layout = precision.partition("-")
     default_layout = gpu.conv_layout("fp32")
     gpu.set_fp32_layout(layout or default_layout)
+    try:
+        return _vggcaffe_run(model, precision, batch, warmup, iters, train)
+    finally:
+        gpu.set_fp32_layout(default_layout)
+
+
+def _vggcaffe_run(model, precision, batch, warmup, iters, train):
+    import cupy
+    from vggcaffe import gpu
+    from vggcaffe.net import Net
+    from vggcaffe.solver import SGDSolver
+    from vggcaffe.timing import fill_inputs
     _cupy_release()
     pool = cupy.get_default_memory_pool()
     high = _HighWater(pool)
@@ -101,7 +110,6 @@ def vggcaffe_run(model, precision, batch, warmup, iters, train):
     if train:
         del solver
     _cupy_release()
-    gpu.set_fp32_layout(default_layout)
     return batch / seconds, peak, memory
 
 

@@ -14,8 +14,9 @@ CuPy blobs when cuDNN is present. Two flags on the layer, set by the net pass
 Other activations enter cuDNN as NHWC copies in the compute type (float32, or
 bfloat16 held as uint16), weights as K·kh·kw·C copies; weight and bias
 gradients leave as float32 (or bfloat16, then added into the float32 diffs).
-Strict fp32 may run NCHW instead (`precision.conv_layout`): blobs and weights
-then go to cuDNN as they are, C-contiguous, and no top is channels-last.
+Strict fp32 may run NCHW instead (`precision.conv_layout`): C-contiguous blobs
+and weights then go to cuDNN as they are (others as C-contiguous copies), and
+prepare_net makes no top channels-last.
 """
 import cupy
 import numpy as np

@@ -2,18 +2,18 @@
 
 Shapes stay Caffe's logical NCHW; cuDNN runs channels-last (NHWC memory,
 filters K·kh·kw·C), as it is fastest on tensor cores, or, in strict fp32 when
-asked (`precision.conv_layout`), NCHW, where its Winograd and FFT engines are;
+asked (`precision.conv_layout`), NCHW, where other fp32 engines (FFT) apply;
 each plan function takes the layout, and graphs are cached per layout. A top
 blob the net pass (`vggcaffe.gpu.prepare_net`) marks `channels_last` holds
 NCHW-shaped views with NHWC strides, so cuDNN reads and writes it in place;
-other blobs are copied through the tiled transpose kernels.
+other blobs are copied (NCHW <-> NHWC through the tiled transpose kernels).
 
     forward    Y = relu?(conv(X, W) + b)           one fused graph (fprop + bias + ReLU)
     backward   dZ = dY * (Y > 0) if the ReLU was fused, cast to the compute type
                db += sum_{N,H,W} dZ               reduction graph
-               dW += wgrad(X, dZ)                 wgrad graph (float32 out, K·kh·kw·C)
+               dW += wgrad(X, dZ)                 wgrad graph (float32 out, K·kh·kw·C or K·C·kh·kw)
                dX  = dgrad(dZ, W)                 dgrad graph
-Graphs are built once per shape, dtype and precision, and cached; the layer
+Graphs are built once per shape, dtype, layout and precision, and cached; the layer
 side (`vggcaffe/gpu/conv.py`) picks among them. Where a fused graph has no
 engine, forward falls back to a plain conv graph with bias and ReLU as one
 CuPy kernel (`bias_relu`).

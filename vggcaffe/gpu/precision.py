@@ -10,10 +10,12 @@ The policy is process-wide; cuDNN graphs are cached per precision.
 
 Convolution memory layout: tf32 and bf16 run channels-last (NHWC; tensor cores
 want it). Strict fp32 runs channels-last too unless `set_fp32_layout("nchw")`
-(or VGGCAFFE_FP32_LAYOUT=nchw) asks for NCHW: cuDNN documents its fp32
-Winograd and FFT algorithms for NCHW tensors only, and PyTorch's fp32
-convolutions run NCHW (`tools/bench_gpu.py --precisions fp32 fp32-nchw`
-compares the two). Nets prepared after the call use it.
+(or VGGCAFFE_FP32_LAYOUT=nchw) asks for NCHW, the layout PyTorch's fp32
+convolutions run in: cuDNN's non-tensor-core engines differ by layout (its
+FFT algorithms, for one, are documented for NCHW only);
+`tools/bench_gpu.py --precisions fp32 fp32-nchw` compares the two.
+Convolutions read it at every call; prepare nets after choosing it (a net
+prepared channels-last copies its blobs to NCHW at every convolution).
 """
 import os
 
