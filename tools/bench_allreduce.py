@@ -81,15 +81,17 @@ def bench_model(comm, model, batch, iters, repeats):
     layerwise = LayerwiseReduce(net, comm.reducer, comm.size)
 
     def after_backward():
+        comm.layerwise = None
         net.clear_param_diffs()
         net.forward_backward()
         comm.allreduce_gradients(params)
 
-    def during_backward():
+    def during_backward():                   # the solver's calls (SGDSolver.forward_backward)
+        comm.layerwise = layerwise
         net.clear_param_diffs()
-        layerwise.arm()
+        comm.reduce_during_backward(net)
         net.forward_backward()
-        layerwise.finish()
+        comm.allreduce_gradients(params)
     packed = timed(after_backward, iters, comm)
     overlapped = timed(during_backward, iters, comm)
     report(comm, "whole step, one packed allreduce after backward", packed)

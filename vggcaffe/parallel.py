@@ -16,7 +16,7 @@ The Communicator is what the solver calls:
   setup(solver)                checks that every rank has the same solver and
                                net, shards the data layers, broadcasts rank 0's
                                weights and prints the global batch
-  reduce_during_backward()     before the last backward of a step: when
+  reduce_during_backward(net)  before the last backward of a step: when
                                reducing layer-wise (see `layer_wise`), each
                                layer's gradients start their collective as soon
                                as backward has passed the layer, while the
@@ -199,9 +199,10 @@ class Communicator:
         return PinnedMpiReducer(self.world)
 
     # ------------------------------------------------------------ every iteration
-    def reduce_during_backward(self):
-        """Let the next backward start each layer's collective (when layer-wise reduction is on)."""
-        if self.layerwise is not None:
+    def reduce_during_backward(self, net):
+        """Let the next backward of `net` start each layer's collective (when layer-wise
+        reduction is on for it)."""
+        if self.layerwise is not None and self.layerwise.net is net:
             self.layerwise.arm()
 
     def allreduce_gradients(self, params, loss=0.0):
@@ -317,14 +318,14 @@ class PackedBuffers:
 class LayerwiseReduce:
     """Caffe's layer_wise_reduce: the gradients of a layer's params are summed over the
     ranks as soon as backward has passed that layer, while the layers below it run
-    backward (one nonblocking collective per layer with params, on a packed buffer of
-    its own). A param shared by several layers goes with the lowest of them, whose
+    backward (one nonblocking collective per layer with params and dtype, on a packed
+    buffer of its own). A param shared by several layers goes with the lowest of them, whose
     backward is its last. Armed for the last backward of a step (the last of
     iter_size); `finish` waits for every collective and writes the means back into
     the diffs. Reducers give start(flat) -> handle, progress(handles), wait(handle)."""
 
     def __init__(self, net, reducer, size):
-        self.params, self.reducer, self.size = net.learnable_params, reducer, size
+        self.net, self.params, self.reducer, self.size = net, net.learnable_params, reducer, size
         owner = {}
         for i, layer in enumerate(net.layers):
             for blob in layer.blobs:
@@ -402,8 +403,10 @@ class PinnedMpiReducer(MpiReducer):
         super().__init__(world)
         self.host = {}
 
-    def _host(self, flat):
-        key = (flat.data.ptr, flat.dtype.str, flat.size)     # one per device buffer: several are in flight
+    def _host(self, flat, own=False):
+        """A pinned host array for `flat`: one per (dtype, size) for the blocking collectives,
+        one per device buffer (`own`) for the nonblocking ones, several of which are in flight."""
+        key = (flat.dtype.str, flat.size) + ((flat.data.ptr,) if own else ())
         if key not in self.host:
             import cupy
             memory = cupy.cuda.alloc_pinned_memory(flat.nbytes)
@@ -421,7 +424,7 @@ class PinnedMpiReducer(MpiReducer):
         flat.set(host)
 
     def start(self, flat):
-        host = flat.get(out=self._host(flat))             # waits for the device's work so far
+        host = flat.get(out=self._host(flat, own=True))   # waits for the device's work so far
         return super().start(host), flat, host
 
     def progress(self, handles):

@@ -140,14 +140,20 @@ class SGDSolver:
                 self.current_step += 1
         return learning_rate(p, self.iter, self.current_step, self.plateau.reductions)
 
-    def forward_backward(self):
+    def forward_backward(self, average=False):
+        """The gradients of one step (iter_size forward/backward passes) in the param diffs;
+        returns the loss. `average`: under MPI, the gradients and loss are then averaged over
+        the ranks (layer by layer during the last backward where the Communicator does so)."""
         self.net.clear_param_diffs()
         loss, iter_size = 0.0, max(1, self.param.iter_size)
         for k in range(iter_size):
-            if self.comm and k == iter_size - 1:
-                self.comm.reduce_during_backward()      # layer_wise_reduce: in the last backward
+            if average and self.comm and k == iter_size - 1:
+                self.comm.reduce_during_backward(self.net)
             loss += self.net.forward_backward()
-        return loss / iter_size
+        loss /= iter_size
+        if average and self.comm:
+            loss = self.comm.allreduce_gradients(self.net.learnable_params, loss)
+        return loss
 
     def apply_update(self, rate):
         p = self.param
@@ -204,9 +210,7 @@ class SGDSolver:
         while self.iter < stop_at and not self._stop_requested:
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
                 self.test_all()
-            loss = self.forward_backward()
-            if self.comm:
-                loss = self.comm.allreduce_gradients(self.net.learnable_params, loss)
+            loss = self.forward_backward(average=True)
             if not math.isfinite(loss):
                 raise VggcaffeError(f"loss is {loss} at iteration {self.iter}; stopping "
                                     f"(the last snapshot, if any, is intact)")

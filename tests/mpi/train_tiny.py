@@ -2,9 +2,10 @@
 each rank's weights and losses, per case, as <out>/<case>_rank<r>.npz.
 
 usage: mpirun -np N python tests/mpi/train_tiny.py OUT_DIR PER_RANK_BATCH ITERS [gpu]
-With "gpu", rank r runs on GPU (local rank r) mod (device count). Cases: f64 and f32 (per-rank
-batch b, the default reduction: after backward on host MPI, layer by layer with NCCL);
-layerwise (float64, layer_wise_reduce: true: collectives started during backward);
+With "gpu", rank r runs on GPU (local rank r) mod (device count). Cases: f64 (per-rank batch b,
+layer_wise_reduce: false: one packed collective after backward); f32 (the default
+reduction: after backward on host MPI, layer by layer with NCCL); layerwise (float64,
+layer_wise_reduce: true: collectives started during backward);
 iter_size (float64, batch b/2, iter_size 2, layer_wise_reduce: true); global (float64,
 global_batch: true, batch N*b); resumed (float64: a snapshot at ITERS/2 restored by a new
 solver, then trained on to ITERS; also saves the data layer's generator state).
@@ -53,7 +54,7 @@ def main(out, batch, iters, device="cpu"):
     if device == "gpu":
         backend.set_mode_gpu()
         backend.set_device(comm.device_for(0))
-    cases = {"f64": train(comm, tiny.solver_param(batch, iters), np.float64, iters),
+    cases = {"f64": train(comm, tiny.solver_param(batch, iters, "layer_wise_reduce: false"), np.float64, iters),
              "f32": train(comm, tiny.solver_param(batch, iters), np.float32, iters),
              "layerwise": train(comm, tiny.solver_param(batch, iters, "layer_wise_reduce: true"), np.float64, iters),
              "iter_size": train(comm, tiny.solver_param(batch // 2, iters, "iter_size: 2 layer_wise_reduce: true"),
