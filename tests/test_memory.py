@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from vggcaffe import cpu
-from vggcaffe.memory import share_diffs
+from vggcaffe.errors import VggcaffeError
+from vggcaffe.memory import share_data, share_diffs
 from vggcaffe.net import Net
 from vggcaffe.proto import caffe_pb2
 from vggcaffe.prototxt import parse_text
@@ -104,3 +105,95 @@ def test_test_nets_and_outputs_keep_their_own_diffs():
     share_diffs(train)
     for name in list(train.inputs) + list(train.outputs):
         assert train.blobs[name].diff.base is None
+
+
+# ---------------------------------------------------------------- shared data in forward-only nets
+FULLY_CONV = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "x" top: "conv1"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "msra" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "msra" } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "conv_a" type: "Convolution" bottom: "conv2" top: "conv_a"
+        convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "msra" } } }
+layer { name: "conv_b" type: "Convolution" bottom: "conv2" top: "conv_b"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "msra" } } }
+layer { name: "pool_b" type: "Pooling" bottom: "conv_b" top: "pool_b" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+"""
+
+
+def forward(param, share, prepare, sizes, keep=()):
+    """Outputs (and kept blobs) of a TEST net fed random inputs of each (H, W) in turn."""
+    net = Net(param, phase="TEST", seed=5)
+    if prepare:
+        cpu.prepare_net(net)
+    if share:
+        share_data(net, keep=keep)
+    results = []
+    for k, (h, w) in enumerate(sizes):
+        if net.inputs == ["x"]:
+            x = net.blobs["x"]
+            x.reshape(x.shape[0], x.shape[1], h, w)
+        fill_inputs(net, seed=k)
+        net.forward_loss()
+        results.append({name: net.blobs[name].data.copy() for name in list(net.outputs) + list(keep)})
+    return net, results
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["plain", "cpu-prepared"])
+def test_shared_data_gives_the_outputs_of_the_plain_net(prepare):
+    """A chain (small A, TEST) and a branched fully-convolutional net whose input changes
+    size between passes (slots grow and shrink back): outputs and kept blobs are those of
+    the same net with an array per blob, bit for bit."""
+    cases = [(small_a(), [(32, 32)], ("conv3_1",), 0.5),
+             (parse_text(FULLY_CONV, caffe_pb2.NetParameter()), [(12, 12), (20, 16), (8, 8), (20, 16)], ("pool1",),
+              0.7)]
+    for param, sizes, keep, fraction in cases:
+        net, shared = forward(param, True, prepare, sizes, keep)
+        plain_net, plain = forward(param, False, prepare, sizes, keep)
+        for got, want in zip(shared, plain):
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        activations = sum(b.data.nbytes for name, b in plain_net.blobs.items() if name not in plain_net.inputs)
+        assert 0 < net.data_slots.nbytes < fraction * activations
+        for name in keep:
+            assert id(net.blobs[name]) not in net.data_slots.slot_of
+
+
+def test_blobs_sharing_data_have_disjoint_forward_spans():
+    """Blobs in one slot are live (producer's forward to last consumer's, a Split's tops
+    counting as their bottom) at disjoint times."""
+    net = Net(parse_text(FULLY_CONV, caffe_pb2.NetParameter()), phase="TEST", seed=5)
+    share_data(net)
+    root, span = {}, {}
+    for i, (layer, bottom, top) in enumerate(zip(net.layers, net._bottoms, net._tops)):
+        for b in bottom:
+            key = root.get(id(b), id(b))
+            if key in span:
+                span[key][1] = i
+        for t in top:
+            if layer.type == "Split":
+                root[id(t)] = root.get(id(bottom[0]), id(bottom[0]))
+            else:
+                span.setdefault(id(t), [i, i])
+    by_slot = {}
+    for key, slot in net.data_slots.slot_of.items():
+        by_slot.setdefault(slot, []).append(key)
+    assert any(len(keys) > 1 for keys in by_slot.values()), "nothing shared"
+    for keys in by_slot.values():
+        spans = sorted(span[k] for k in keys)
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_shared_data_nets_refuse_backward_and_unknown_blobs():
+    net = share_data(Net(branched(), phase="TRAIN", seed=5))
+    fill_inputs(net)
+    net.forward_loss()
+    with pytest.raises(VggcaffeError, match="runs forward only: its activations share memory"):
+        net.backward()
+    with pytest.raises(VggcaffeError, match="has no blob 'conv9'"):
+        share_data(Net(branched(), phase="TEST", seed=5), keep=["conv9"])

@@ -22,7 +22,9 @@ scale_max): fixed S -> {S - d, S, S + d} with d = 32 * crop / 224 rounded (the p
 {S-32, S, S+32} at crop 224), values below the crop raised to it; jittered
 [S_min, S_max] -> {S_min, (S_min + S_max) / 2, S_max}; no rescale at training
 -> the images as they come. Errors are top-1 / top-5 with ties counted as
-wrong (Caffe's Accuracy rule).
+wrong (Caffe's Accuracy rule). Both nets run forward only, their intermediate
+activations sharing memory (`vggcaffe.memory.share_data`), as PyTorch's
+inference frees them.
 """
 import re
 from pathlib import Path
@@ -34,6 +36,7 @@ from .data.image_io import load_image, read_listing
 from .data.sources import NpzSource
 from .data.transforms import Transformer
 from .errors import VggcaffeError
+from .memory import share_data
 from .net import Net
 from .proto import caffe_pb2
 from .prototxt import read_net, read_solver
@@ -102,6 +105,8 @@ class Model:
         conv_param, conv_weights = fully_convolutional(deploy, net_weights(self.fc_net))
         self.conv_net = Net(conv_param, phase="TEST", dtype=dtype)
         load_into(self.conv_net, conv_weights)
+        for net in (self.fc_net, self.conv_net):    # only their outputs are read
+            share_data(net)
         data = next(lp for lp in deploy.layer if lp.type == "Input")
         self.input, self.crop = self.fc_net.inputs[0], self.fc_net.blobs[self.fc_net.inputs[0]].shape[2]
         self.output = self.fc_net.outputs[0]

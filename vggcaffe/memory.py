@@ -1,16 +1,22 @@
-"""Activation diffs that share memory (`share_diffs`), for nets on either backend.
+"""Activations that share memory, for nets on either backend: diffs in training
+(`share_diffs`), data in forward-only nets (`share_data`).
 
-Caffe gives every blob its own diff for the life of the net. During backward a
-blob's diff is needed only from the backward of its last consumer down to that
-of its producer, so blobs whose spans do not overlap can use the same memory:
-for a chain like VGG, two buffers of the largest activation's size instead of
-one per blob. The GPU's `prepare_net` applies it to training nets; a diff of an
-intermediate blob then holds its gradient only during that span.
+Caffe gives every blob its own data and diff for the life of the net. During
+backward a blob's diff is needed only from the backward of its last consumer
+down to that of its producer, so blobs whose spans do not overlap can use the
+same memory: for a chain like VGG, two buffers of the largest activation's size
+instead of one per blob. The GPU's `prepare_net` applies it to training nets; a
+diff of an intermediate blob then holds its gradient only during that span.
+In a net that only runs forward (evaluation), a blob's data is likewise needed
+only from its producer's forward to its last consumer's, as PyTorch frees
+intermediate activations under no_grad; `share_data` makes it so, keeping the
+outputs (and any blobs asked for) whole.
 """
 import numpy as np
 
 from .backend import array_module
 from .blob import is_channels_last
+from .errors import VggcaffeError
 
 
 def share_diffs(net):
@@ -74,3 +80,82 @@ def _view(memory, like):
         n, c, h, w = like.shape
         return flat.reshape(n, h, w, c).transpose(0, 3, 1, 2)
     return flat.reshape(like.shape)
+
+
+def share_data(net, keep=()):
+    """Let activation blobs of a forward-only net whose data is live at disjoint times share
+    memory; returns `net`.
+
+    A blob's data is live from the forward of its producer to that of its last consumer
+    (in-place layers keep one blob; a Split's tops are its bottom's data). Net inputs and
+    outputs, the blobs named in `keep`, loss tops and the tops of layers without bottoms
+    (data layers, which may fill them from other threads) keep their own arrays. Slots are
+    assigned greedily in producer order, as in `share_diffs`. A blob moves into its slot
+    at the next forward (`DataSlots.place`, run after every layer's reshape), so a slot
+    has the size the next input needs (not the size the net was built at, a deploy net's
+    batch of 10, say) and grows when a later input needs more. Backward on such a net is
+    refused: its intermediate data is gone by then."""
+    root = {}
+    for i, (bottom, top) in enumerate(zip(net._bottoms, net._tops)):
+        if net.layers[i].type == "Split":
+            for t in top:
+                root[id(t)] = root.get(id(bottom[0]), id(bottom[0]))
+    span, order = {}, []
+    for i, (bottom, top) in enumerate(zip(net._bottoms, net._tops)):
+        for b in bottom:
+            key = root.get(id(b), id(b))
+            if key in span:
+                span[key][2] = i
+        if not bottom or net.layers[i].type == "Split":
+            continue
+        for t in top:
+            if id(t) not in span:
+                span[id(t)] = [t, i, i]
+                order.append(id(t))
+    named = set(net.inputs) | set(net.outputs) | set(keep)
+    missing = sorted(set(keep) - set(net.blobs))
+    if missing:
+        raise VggcaffeError(f"share_data: net '{net.name}' has no blob {', '.join(map(repr, missing))}")
+    kept = {root.get(id(net.blobs[name]), id(net.blobs[name])) for name in named if name in net.blobs}
+    kept |= {id(net._tops[i][t]) for i, t in net.loss_weights}
+    slots = []                                            # [last layer index, [blobs]]
+    for key in order:
+        blob, first, last = span[key]
+        if key in kept or blob.data.ndim == 0:
+            continue
+        slot = next((s for s in slots if s[0] < first), None)
+        if slot is None:
+            slot = [0, []]
+            slots.append(slot)
+        slot[0] = last
+        slot[1].append(blob)
+    net.data_slots = DataSlots([blobs for _, blobs in slots]) if slots else None
+    return net
+
+
+class DataSlots:
+    """The shared data memory of a net made by `share_data`: each slot one buffer, viewed
+    by blobs whose data is live at disjoint times."""
+
+    def __init__(self, slots):
+        self.buffers = [None] * len(slots)
+        self.slot_of = {id(blob): k for k, blobs in enumerate(slots) for blob in blobs}
+
+    @property
+    def nbytes(self):
+        """Bytes the slots hold."""
+        return sum(b.nbytes for b in self.buffers if b is not None)
+
+    def place(self, blobs):
+        """Make the data of each of `blobs` that has a slot a view of it (after a reshape
+        gave it an array of its own, or its slot grew); a slot grows to fit."""
+        for blob in blobs:
+            k = self.slot_of.get(id(blob))
+            if k is None:
+                continue
+            buffer, data = self.buffers[k], blob.data
+            if buffer is not None and data.nbytes <= buffer.nbytes and _address(data) == _address(buffer):
+                continue
+            if buffer is None or buffer.nbytes < data.nbytes:
+                buffer = self.buffers[k] = array_module(data).empty(data.nbytes, np.uint8)
+            blob.data = _view(buffer, data)

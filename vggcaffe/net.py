@@ -121,6 +121,7 @@ class Net:
         self._seed = np.random.SeedSequence(seed)
         self._rank = rank
         self.after_backward = []    # callables of a layer index, run after that layer's turn in backward
+        self.data_slots = None      # shared activation memory of a forward-only net (memory.share_data)
         self._build(self.param)
         if weights:
             for path in str(weights).split(","):
@@ -294,10 +295,14 @@ class Net:
     def reshape(self):
         for layer, bottom, top in zip(self.layers, self._bottoms, self._tops):
             layer.reshape(bottom, top)
+            if self.data_slots is not None:
+                self.data_slots.place(top)
 
     def _forward_layer(self, i):
         layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
         layer.reshape(bottom, top)
+        if self.data_slots is not None:
+            self.data_slots.place(top)
         layer.forward(bottom, top)
         loss = 0.0
         for t, blob in enumerate(top):
@@ -326,6 +331,9 @@ class Net:
     def backward_all(self, start=None, end=None):
         """Backward through layers end..start that need it; after each layer's turn (run or
         not), the `after_backward` callables get its index (Caffe's add_after_backward)."""
+        if self.data_slots is not None:
+            raise VggcaffeError(f"net '{self.name}' runs forward only: its activations share memory "
+                                f"(vggcaffe.memory.share_data), so backward has no intermediate data")
         lo, hi = self._index(start, 0), self._index(end, len(self.layers) - 1)
         for i in range(hi, lo - 1, -1):
             if self._need_backward[i]:
