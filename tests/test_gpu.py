@@ -545,6 +545,31 @@ def test_vgg16_step_with_shared_diffs(vgg16_cpu, precision):
     assert abs(losses[0] - loss) / abs(loss) <= BOUND[precision.split("-")[0]]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vgg16_test_net_with_shared_data(vgg16_cpu, precision):
+    """A prepared TEST-phase VGG-16 whose activations share memory (memory.share_data, as
+    the evaluation nets) scores like the same net with an array per blob, holding less."""
+    from vggcaffe.gpu import prepare_net, set_precision
+    from vggcaffe.memory import share_data
+    from vggcaffe.net import Net
+    from vggcaffe.timing import fill_inputs
+    param = vgg16_cpu[0]
+    backend.set_mode_gpu()
+    set_precision(precision)
+    scores, nets = [], []
+    for share in (False, True):
+        net = prepare_net(Net(param, phase="TEST", seed=11))       # same seed: same weights
+        if share:
+            share_data(net, keep=["fc8"])
+        fill_inputs(net, seed=4)
+        net.forward_loss()
+        scores.append(net.blobs["fc8"].data.copy())
+        nets.append(net)
+    assert rel_err(scores[1], cupy.asnumpy(scores[0])) <= 1e-6
+    activations = sum(b.data.nbytes for name, b in nets[0].blobs.items() if name not in nets[0].inputs)
+    assert 0 < nets[1].data_slots.nbytes < activations / 2
+
+
 # --- the command line ------------------------------------------------------------------
 def _train_log(solver, gpu):
     """The log lines of `vggcaffe train` (prefix stripped) and their shapes (numbers masked)."""
