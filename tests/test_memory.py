@@ -197,3 +197,28 @@ def test_shared_data_nets_refuse_backward_and_unknown_blobs():
         net.backward()
     with pytest.raises(VggcaffeError, match="has no blob 'conv9'"):
         share_data(Net(branched(), phase="TEST", seed=5), keep=["conv9"])
+
+
+def test_building_a_net_allocates_no_activations():
+    """As in Caffe, a blob's memory comes at its first use: a built net holds its
+    parameters only; a forward allocates the activations; share_data's slots then hold
+    less than the plain net's activations."""
+    import tracemalloc
+    param = synthetic_net(str(MODELS / "small" / "A_train_val.prototxt"), batch=64)
+    tracemalloc.start()
+    try:
+        net = Net(param, phase="TEST", seed=5)
+        built = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    params = sum(b.data.nbytes for b in net.learnable_params)
+    assert not any(b.has_data for b in net.blobs.values())
+    assert built < params + (1 << 20)
+    fill_inputs(net)
+    net.forward_loss()
+    assert all(b.has_data for b in net.blobs.values())
+    shared = share_data(Net(param, phase="TEST", seed=5))
+    fill_inputs(shared)
+    shared.forward_loss()
+    activations = sum(b.data.nbytes for name, b in net.blobs.items() if name not in net.inputs)
+    assert shared.data_slots.nbytes < activations / 2

@@ -14,16 +14,44 @@ class Blob:
     """Holds `data` and `diff`, two arrays of one shape and dtype.
 
     As in pycaffe, `blob.data[...] = x` writes in place; `reshape` keeps the
-    arrays when the element count does not change. The diff is allocated (zeros,
-    data's layout) when first used, so blobs that never see a backward pass, as
-    in TEST nets, hold no diff memory.
+    arrays when the element count does not change. As in Caffe (SyncedMemory),
+    memory is allocated (zeros) when first used: the data at its first access
+    (building a net only sets shapes, so a net's preparation, or a shared slot,
+    decides the layout and dtype before any activation memory exists), the diff
+    in data's layout at its first access (blobs that never see a backward pass,
+    as in TEST nets, hold no diff memory).
     """
 
     def __init__(self, shape=(), dtype=np.float32, xp=None):
         self._xp = xp or backend.xp()
         self.dtype = np.dtype(dtype)
-        self.data = self._xp.zeros(tuple(int(d) for d in shape), self.dtype)
+        self._shape = tuple(int(d) for d in shape)
+        self._data = None
         self._diff = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self._xp.zeros(self._shape, self.dtype)
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = value
+        self._shape = tuple(value.shape)
+
+    @property
+    def has_data(self):
+        """True once the data array exists."""
+        return self._data is not None
+
+    @property
+    def template(self):
+        """What type checks read (array module, dtype, rank): the data, or while it does not
+        exist an empty array of its module, dtype and rank (nothing allocated)."""
+        if self._data is not None:
+            return self._data
+        return self._xp.empty((0,) * len(self._shape), self.dtype)
 
     @property
     def diff(self):
@@ -42,11 +70,11 @@ class Blob:
 
     @property
     def shape(self):
-        return self.data.shape
+        return self._shape
 
     @property
     def count(self):
-        return int(self.data.size)
+        return int(np.prod(self._shape, dtype=np.int64))
 
     @property
     def num(self):
@@ -68,15 +96,14 @@ class Blob:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = shape[0]
         shape = tuple(int(d) for d in shape)
-        if shape == self.data.shape:
+        if shape == self._shape:
             return
-        if int(np.prod(shape, dtype=np.int64)) == self.data.size:
-            self.data = self.data.reshape(shape)
+        if int(np.prod(shape, dtype=np.int64)) == self.count and self._data is not None:
+            self.data = self._data.reshape(shape)
             if self._diff is not None:
                 self._diff = self._diff.reshape(shape)
         else:
-            self.data = self._xp.zeros(shape, self.dtype)
-            self._diff = None
+            self._shape, self._data, self._diff = shape, None, None
 
     def make_channels_last(self, keep_values=False, dtype=None):
         """Give data and diff NHWC memory (same shape; zeroed, the diff when next
@@ -84,12 +111,12 @@ class Blob:
         changes the storage type too (the GPU's bf16 mode keeps some blobs as
         bfloat16 bits in uint16)."""
         dtype = self.dtype if dtype is None else np.dtype(dtype)
-        if not is_channels_last(self.data) or self.data.dtype != dtype:
+        if self._data is None or not is_channels_last(self._data) or self._data.dtype != dtype:
             n, c, h, w = self.shape
             data = self._xp.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
             diff = None
-            if keep_values:
-                data[...] = self.data
+            if keep_values and self._data is not None:
+                data[...] = self._data
                 if self._diff is not None:
                     diff = self._zeros_like_data(data)
                     diff[...] = self._diff

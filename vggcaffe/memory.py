@@ -75,11 +75,23 @@ def _address(a):
 
 def _view(memory, like):
     """An array over `memory` with `like`'s shape, dtype and layout (C-contiguous or channels-last)."""
-    flat = memory[:like.nbytes].view(like.dtype)
-    if like.ndim == 4 and is_channels_last(like) and not like.flags.c_contiguous:
-        n, c, h, w = like.shape
+    return _view_as(memory, like.shape, like.dtype, _strided_channels_last(like))
+
+
+def _view_as(memory, shape, dtype, channels_last=False):
+    """An array of `shape` and `dtype` over `memory`: C-contiguous, or a channels-last
+    (N, C, H, W) view of NHWC memory."""
+    dtype = np.dtype(dtype)
+    flat = memory[:int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype)
+    if channels_last:
+        n, c, h, w = shape
         return flat.reshape(n, h, w, c).transpose(0, 3, 1, 2)
-    return flat.reshape(like.shape)
+    return flat.reshape(shape)
+
+
+def _strided_channels_last(a):
+    """`a` is a channels-last view that is not also C-contiguous."""
+    return a.ndim == 4 and is_channels_last(a) and not a.flags.c_contiguous
 
 
 def share_data(net, keep=()):
@@ -121,7 +133,7 @@ def share_data(net, keep=()):
     slots = []                                            # [last layer index, [blobs]]
     for key in order:
         blob, first, last = span[key]
-        if key in kept or blob.data.ndim == 0:
+        if key in kept or not blob.shape:
             continue
         slot = next((s for s in slots if s[0] < first), None)
         if slot is None:
@@ -153,9 +165,10 @@ class DataSlots:
             k = self.slot_of.get(id(blob))
             if k is None:
                 continue
-            buffer, data = self.buffers[k], blob.data
-            if buffer is not None and data.nbytes <= buffer.nbytes and _address(data) == _address(buffer):
+            buffer, like = self.buffers[k], blob.template      # nothing allocated for a blob without data
+            nbytes = blob.count * like.itemsize
+            if buffer is not None and blob.has_data and nbytes <= buffer.nbytes and _address(like) == _address(buffer):
                 continue
-            if buffer is None or buffer.nbytes < data.nbytes:
-                buffer = self.buffers[k] = array_module(data).empty(data.nbytes, np.uint8)
-            blob.data = _view(buffer, data)
+            if buffer is None or buffer.nbytes < nbytes:
+                buffer = self.buffers[k] = array_module(like).empty(nbytes, np.uint8)
+            blob.data = _view_as(buffer, blob.shape, like.dtype, blob.has_data and _strided_channels_last(like))

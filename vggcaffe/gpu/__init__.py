@@ -40,7 +40,7 @@ def _reads_bf16(net, j):
     """Layer j takes a bfloat16 channels-last bottom (a cuDNN convolution or a MAX pool kernel)."""
     layer = net.layers[j]
     if layer.type == "Convolution":
-        return cudnn_conv.applies(layer, net._bottoms[j][0].data)
+        return cudnn_conv.applies(layer, net._bottoms[j][0].template)
     return isinstance(layer, pooling.MaxPoolGPU)
 
 
@@ -60,12 +60,12 @@ def prepare_net(net, share=True):
     bf16 = []
     for i, layer in enumerate(net.layers):
         bottom, top = net._bottoms[i], net._tops[i]
-        conv = layer.type == "Convolution" and len(top) == 1 and cudnn_conv.applies(layer, bottom[0].data)
+        conv = layer.type == "Convolution" and len(top) == 1 and cudnn_conv.applies(layer, bottom[0].template)
         if not (conv or isinstance(layer, pooling.MaxPoolGPU)):
             continue
         users = consumers(net, i)
         layer.channels_last = conv_layout() == "nhwc" and bool(users) and all(
-            _accepts_any_layout(net.layers[j], top[0].data) for j in users)
+            _accepts_any_layout(net.layers[j], top[0].template) for j in users)
         if conv:
             fold_relu(net, i, users)
             _relu_grad_to_pool(net, i, users)

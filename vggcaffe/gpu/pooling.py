@@ -126,7 +126,7 @@ def applies(layer, bottom, top):
     from ..layers.pooling import P
     if layer.type != "Pooling" or isinstance(layer, MaxPoolGPU) or layer.pool != P.MAX or len(top) != 1:
         return False
-    x = bottom[0].data
+    x = bottom[0].template
     return (isinstance(x, cupy.ndarray) and x.dtype == np.float32 and x.ndim == 4
             and not layer.global_pooling and layer.kh * layer.kw < 255)
 

@@ -33,14 +33,17 @@ class SplitLayer(Layer):
     min_top = 1
 
     def reshape(self, bottom, top):
-        # Every top shares the bottom's data; each keeps its own diff.
+        # Every top shares the bottom's data (once it exists: forward makes sure); each
+        # keeps its own diff.
         for blob in top:
             if blob.shape != bottom[0].shape:
                 blob.reshape(bottom[0].shape)
-            blob.data = bottom[0].data
+            if bottom[0].has_data:
+                blob.data = bottom[0].data
 
     def forward(self, bottom, top):
-        pass
+        for blob in top:
+            blob.data = bottom[0].data
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
