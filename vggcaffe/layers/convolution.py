@@ -143,11 +143,11 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         if ho < 1 or wo < 1:
             raise self.error(f"kernel {self.kernel} (dilation {self.dilation}) is larger than the "
                              f"padded input {hp}x{wp}")
-        x = bottom[0].template                     # its module and dtype (no memory is allocated)
-        self.nhwc = array_module(x) is np and self.group == 1 and not self.is_1x1 and (
+        like = bottom[0].template                  # its module and dtype (no memory is allocated)
+        self.nhwc = array_module(like) is np and self.group == 1 and not self.is_1x1 and (
             use_nhwc(c, wo) if FORCE_NHWC is None else FORCE_NHWC)
         # Either NumPy path can write channels-last tops (for vggcaffe.cpu.prepare_net).
-        self.writes_channels_last = array_module(x) is np and self.group == 1 and not self.is_1x1
+        self.writes_channels_last = array_module(like) is np and self.group == 1 and not self.is_1x1
         # Stride 1 on a wide enough map: patches are computed for all Wp columns
         # of each row (Wp - Wo of them wasted), so every patch row is one
         # contiguous run of the padded image ("flat" windows). Not for channels-last
@@ -157,7 +157,7 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         self.in_shape, self.out_hw = (n, c, h, w), (ho, wo)
         self.pitch = wp if self.flat else wo
         self.padded_hw = (hp + self.flat, wp)
-        image_cols_bytes = fwd_cols_bytes = c * kh * kw * ho * self.pitch * x.dtype.itemsize
+        image_cols_bytes = fwd_cols_bytes = c * kh * kw * ho * self.pitch * like.dtype.itemsize
         # The NHWC data gradient of a stride-1 layer is a convolution of dY (no col2im)
         # when its padding, dilation·(k - 1) - pad, is not negative; measured faster
         # from 4×4 maps up (on 2×2 maps the patches of dY are mostly padding) where
@@ -166,15 +166,15 @@ class ConvolutionLayer(NHWCConvolution, Layer):
         self.transposed_pad = t_pad if (self.nhwc and (sh, sw) == (1, 1) and min(t_pad) >= 0
                                         and min(h, w) >= 4 and self.num_output <= c) else None
         if self.transposed_pad:
-            image_cols_bytes = max(image_cols_bytes, self.num_output * kh * kw * h * w * x.dtype.itemsize)
+            image_cols_bytes = max(image_cols_bytes, self.num_output * kh * kw * h * w * like.dtype.itemsize)
         self.images_per_pass = max(1, MAX_COLS_BYTES // image_cols_bytes)
-        self.keep_cols = (array_module(x) is np and not self.is_1x1 and not self.nhwc
+        self.keep_cols = (array_module(like) is np and not self.is_1x1 and not self.nhwc
                           and self.phase == "TRAIN"
                           and self.images_per_pass >= n and n * fwd_cols_bytes <= MAX_CACHED_COLS_BYTES)
         self._cols_valid = [False] * len(bottom)
         # NHWC on a map smaller than the kernel (H·W < kh·kw): as one dense matrix, when it fits.
         self.dense = (self.nhwc and h * w < kh * kw
-                      and h * w * ho * wo * c * self.num_output * x.dtype.itemsize <= MAX_CACHED_COLS_BYTES)
+                      and h * w * ho * wo * c * self.num_output * like.dtype.itemsize <= MAX_CACHED_COLS_BYTES)
         self.dense_taps = [(y * w + x, oy * wo + ox, i, j)
                            for oy in range(ho) for ox in range(wo) for i in range(kh) for j in range(kw)
                            for y, x in [(oy * sh - ph + i * dh, ox * sw - pw + j * dw)]
@@ -185,7 +185,7 @@ class ConvolutionLayer(NHWCConvolution, Layer):
             t.reshape(n, self.num_output, ho, wo)
             if self.channels_last and self.writes_channels_last:
                 t.make_channels_last()
-        if self._cudnn(x):
+        if self._cudnn(like):
             self._gpu.reshape(bottom, top)
 
     # --- forward / backward -------------------------------------------------
