@@ -284,10 +284,14 @@ def test_pooling(pool, channels_last):
 
 @pytest.mark.parametrize("pool,shape", [("kernel_size: 2 stride: 2", (2, 5, 8, 8)),
                                         ("kernel_size: 3 stride: 2 pad: 1", (2, 4, 9, 7)),
-                                        ("kernel_size: 3 stride: 2", (2, 3, 8, 8))])
+                                        ("kernel_size: 3 stride: 2", (2, 3, 8, 8)),
+                                        ("kernel_size: 2 stride: 2", (2, 16, 9, 7)),
+                                        ("kernel_size: 3 stride: 2 pad: 1", (2, 24, 9, 7))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_max_pool_kernel(pool, shape, channels_last):
-    """The one-pass MAX pooling that prepare_net puts in place, on both layouts in and out."""
+    """The one-pass MAX pooling that prepare_net puts in place, on both layouts in and out
+    (channels-last with C a multiple of 8: the 8-channel vector kernels, windows clipped
+    at the edges)."""
     from vggcaffe.gpu.pooling import MaxPoolGPU
 
     def swap(layer, bottom, top):

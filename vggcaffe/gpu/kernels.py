@@ -23,12 +23,16 @@ __device__ __forceinline__ float load_f(const float* p, long long i) { return p[
 __device__ __forceinline__ float load_f(const unsigned short* p, long long i) {
     return __uint_as_float(((unsigned int)p[i]) << 16);
 }
+// The bfloat16 bits of v (low 16 bits): round to nearest even, NaN kept quiet.
+__device__ __forceinline__ unsigned int bf16_bits(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(unsigned short* p, long long i, float v) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (unsigned short)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (unsigned short)(u >> 16);
+    p[i] = (unsigned short)bf16_bits(v);
 }
 """
 
