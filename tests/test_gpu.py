@@ -166,6 +166,8 @@ CONV = {
     "dilation2": ("num_output: 4 kernel_size: 3 pad: 2 dilation: 2", (2, 3, 9, 9)),
     "no_bias": ("num_output: 5 kernel_size: 3 pad: 1 bias_term: false", (2, 3, 6, 6)),
     "3x1": ("num_output: 4 kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0", (2, 3, 6, 5)),
+    "small_c": ("num_output: 16 kernel_size: 3 pad: 1", (2, 3, 10, 9)),            # conv1_1-like
+    "small_c_stride2": ("num_output: 8 kernel_size: 3 stride: 2 pad: 1 bias_term: false", (2, 3, 9, 8)),
 }
 FILLERS = "weight_filler { type: 'gaussian' std: 0.2 } bias_filler { type: 'gaussian' std: 0.2 }"
 
@@ -174,10 +176,11 @@ def conv_text(name):
     return f"name: 'c' type: 'Convolution' convolution_param {{ {CONV[name][0]} {FILLERS} }}"
 
 
-def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layout="nhwc"):
+def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layout="nhwc", cudnn_forward=True):
     """The cuDNN layer (optionally with the ReLU folded in, NHWC blobs, bfloat16
     bottom and top as prepare_net makes them in bf16; in strict fp32, cuDNN in
-    either layout) against NumPy convolution followed by NumPy ReLU."""
+    either layout) against NumPy convolution followed by NumPy ReLU. `cudnn_forward`:
+    the forward ran through cuDNN (not the direct small-C kernel)."""
     from vggcaffe.gpu import cudnn_conv, set_fp32_layout
     from vggcaffe.gpu.conv import CudnnConv
     from vggcaffe.gpu.kernels import BF16, assign
@@ -218,7 +221,8 @@ def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layou
     want = layout if precision == "fp32" else "nhwc"
     assert gpu._gpu.layout.name == want
     kinds = {(k[0], k[-2]) for k in cudnn_conv._graphs if tuple(ct[0].shape) in k and k[-1] == precision}
-    assert {("fprop", want), ("dgrad", want), ("wgrad", want)} <= kinds, kinds
+    passes = ["fprop", "dgrad", "wgrad"] if cudnn_forward else ["dgrad", "wgrad"]
+    assert {(kind, want) for kind in passes} <= kinds, kinds
 
 
 @pytest.mark.parametrize("name", list(CONV))
@@ -264,6 +268,21 @@ def test_conv_plans_are_autotuned():
 @pytest.mark.parametrize("fused_relu,channels_last", [(False, False), (True, True)])
 def test_conv_reduced_precision(precision, name, fused_relu, channels_last):
     run_conv(name, precision, fused_relu, channels_last)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("name", ["small_c", "small_c_stride2"])
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_conv_small_c_direct_kernel(precision, name, fused_relu, monkeypatch):
+    """The direct kernel for few input channels (conv1_1) computes what NumPy does, in each
+    precision, with a channels-last top (bfloat16 in bf16)."""
+    from vggcaffe.gpu import conv
+    calls = []
+    direct = conv.CudnnConv._fprop_small_c
+    monkeypatch.setattr(conv, "DIRECT", "always")
+    monkeypatch.setattr(conv.CudnnConv, "_fprop_small_c", lambda self, *a: calls.append(1) or direct(self, *a))
+    run_conv(name, precision, fused_relu, True, bf16_blobs=precision == "bf16", cudnn_forward=False)
+    assert calls
 
 
 @pytest.mark.parametrize("name", ["3x3_pad1", "3x3_stride2", "1x1", "no_bias"])

@@ -235,6 +235,7 @@ def main(argv=None):
     from vggcaffe.gpu import conv
     meta["cudnn_fallbacks"] = sorted({f"{k[0]} {k[1]}: config {v}" for k, v in conv._choices.items() if v})
     meta["cudnn_autotune"] = _autotune_summary()
+    meta["small_c_conv_ms"] = {f"{k[0]} {k[-1]} {np.dtype(k[3]).name}": v for k, v in conv.direct_timings.items()}
     print(json.dumps(meta))
     print(_table(rows))
     if args.json:

@@ -14,10 +14,17 @@ CuPy blobs when cuDNN is present. Two flags on the layer, set by the net pass
 Other activations enter cuDNN as NHWC copies in the compute type (float32, or
 bfloat16 held as uint16), weights as K·kh·kw·C copies; weight and bias
 gradients leave as float32 (or bfloat16, then added into the float32 diffs).
+A convolution with few input channels (VGG's conv1_1: 3) and a channels-last top
+has a direct forward kernel too (`conv_small_c`): cuDNN's engines are slow there
+(1.5 ms for conv1_1's forward in bf16, where writing the top takes ~0.15 ms), so
+the first forward of each shape times both and keeps the faster (`DIRECT`,
+`direct_timings`); backward stays with cuDNN.
 Strict fp32 may run NCHW instead (`precision.conv_layout`): C-contiguous blobs
 and weights then go to cuDNN as they are (others as C-contiguous copies), and
 prepare_net makes no top channels-last.
 """
+import functools
+
 import cupy
 import numpy as np
 
@@ -31,6 +38,70 @@ F32 = np.dtype(np.float32)
 # count that is not a multiple runs zero-padded (VGG's conv1_1: 3 -> 8 in bf16, 4 in tf32).
 CHANNEL_ALIGN = {"bf16": 8, "tf32": 4}
 _choices = {}
+
+# The direct small-C convolution: "auto" (the faster of it and cuDNN, timed at the first
+# forward of each shape), "always" or "never" where it applies.
+DIRECT = "auto"
+SMALL_C = 4                 # at most this many input channels
+direct_timings = {}         # (layer, x shape, y shape, y dtype, precision) -> {"small_c": ms, "cudnn": ms}
+_SMALL_C_SOURCE = kernels._CONVERT + kernels._VEC8 + r"""
+typedef IDX_T idx_t;
+// y = relu?(conv(x, w) + b) for few input channels: one thread per output pixel and 8
+// output channels, the weights (as float) and biases in shared memory, float
+// accumulation. x (N, H, W, Cp) and w (K, kh, kw, Cp): the compute-type copies cuDNN gets
+// (channels C..Cp-1 are zero padding, skipped); y channels-last (N, OH, OW, K), K % 8 == 0.
+extern "C" __global__ void conv_small_c(
+        const T_X* x, const T_X* wt, const float* bias, T_Y* y, long long total,
+        int C, int Cp, int H, int W, int K, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw,
+        int has_bias, int relu) {
+    extern __shared__ float ws[];                 // K * kh * kw * C weights, then K biases
+    const int taps = kh * kw * C, nw = K * taps;
+    for (int i = threadIdx.x; i < nw; i += blockDim.x)
+        ws[i] = load_f(wt, (long long)(i / C) * Cp + i % C);
+    for (int i = threadIdx.x; i < K; i += blockDim.x)
+        ws[nw + i] = has_bias ? bias[i] : 0.0f;
+    __syncthreads();
+    const int K8 = K / 8;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (long long)gridDim.x * blockDim.x) {
+        idx_t r = (idx_t)t;
+        int g = r % K8; r /= K8;
+        int ow = r % OW; r /= OW;
+        int oh = r % OH;
+        int n = (int)(r / OH);
+        float acc[8];
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = ws[nw + g * 8 + k];
+        for (int a = 0; a < kh; ++a) {
+            int ih = oh * sh - ph + a;
+            if (ih < 0 || ih >= H) continue;
+            for (int b = 0; b < kw; ++b) {
+                int iw = ow * sw - pw + b;
+                if (iw < 0 || iw >= W) continue;
+                long long base = (((long long)n * H + ih) * W + iw) * Cp;
+                const float* wk = ws + (long long)g * 8 * taps + (a * kw + b) * C;
+                for (int c = 0; c < C; ++c) {
+                    float v = load_f(x, base + c);
+                    #pragma unroll
+                    for (int k = 0; k < 8; ++k) acc[k] += v * wk[k * taps + c];
+                }
+            }
+        }
+        if (relu) {
+            #pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] = acc[k] < 0.0f ? 0.0f : acc[k];
+        }
+        store8(y + (((long long)n * OH + oh) * OW + ow) * K + g * 8, acc);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _small_c_kernel(x_dtype, y_dtype, wide):
+    code = (_SMALL_C_SOURCE.replace("T_X", kernels._C_TYPES[np.dtype(x_dtype)])
+            .replace("T_Y", kernels._C_TYPES[np.dtype(y_dtype)]).replace("IDX_T", "long long" if wide else "unsigned int"))
+    return cupy.RawKernel(code, "conv_small_c")
 
 
 def _flat(a):
@@ -168,6 +239,48 @@ class CudnnConv:
         return buf
 
     def _fprop(self, x_io, w_io, x_shape, y, precision, io):
+        """Y from the compute-type X and W: cuDNN, or the direct small-C kernel (DIRECT)."""
+        if not self._small_c_applies(y):
+            return self._fprop_cudnn(x_io, w_io, x_shape, y, precision, io)
+        if DIRECT == "auto":
+            key = (self.layer.name, tuple(x_shape), tuple(y.shape), y.dtype.str, precision)
+            if key not in direct_timings:
+                direct_timings[key] = {
+                    "cudnn": cc._elapsed_ms(lambda: self._fprop_cudnn(x_io, w_io, x_shape, y, precision, io)),
+                    "small_c": cc._elapsed_ms(lambda: self._fprop_small_c(x_io, w_io, y))}
+            direct = direct_timings[key]["small_c"] < direct_timings[key]["cudnn"]
+        else:
+            direct = DIRECT == "always"
+        if direct:
+            self._fprop_small_c(x_io, w_io, y)
+        else:
+            self._fprop_cudnn(x_io, w_io, x_shape, y, precision, io)
+
+    def _small_c_applies(self, y):
+        """The direct kernel can compute this layer's top: few input channels, K % 8 == 0, no
+        dilation, a channels-last float32 or bfloat16 top, weights that fit in shared memory."""
+        layer = self.layer
+        k, c, kh, kw = layer.blobs[0].shape
+        return (self.layout.nhwc and c <= SMALL_C and k % 8 == 0 and tuple(layer.dilation) == (1, 1)
+                and cc.is_channels_last(y) and y.dtype in (F32, kernels.BF16) and (k * kh * kw * c + k) * 4 <= 48 << 10)
+
+    def _fprop_small_c(self, x_io, w_io, y):
+        layer = self.layer
+        k, c, kh, kw = layer.blobs[0].shape
+        n, _, oh, ow = y.shape
+        _, h, w, cp = x_io.shape
+        (ph, pw), (sh, sw) = layer.pad, layer.stride
+        total = n * oh * ow * (k // 8)
+        bias = layer.blobs[1].data if layer.bias_term else y        # not read without a bias
+        kernel = _small_c_kernel(x_io.dtype.str, y.dtype.str, total >= 2**31 or y.size >= 2**31)
+        i32 = np.int32
+        kernel((int(min((total + 255) // 256, 2048)), 1, 1), (256, 1, 1),
+               (x_io, w_io, bias, y, np.int64(total), i32(c), i32(cp), i32(h), i32(w), i32(k), i32(oh), i32(ow),
+                i32(kh), i32(kw), i32(sh), i32(sw), i32(ph), i32(pw), i32(layer.bias_term),
+                i32(getattr(layer, "fused_relu", False))),
+               shared_mem=(k * kh * kw * c + k) * 4)
+
+    def _fprop_cudnn(self, x_io, w_io, x_shape, y, precision, io):
         layer = self.layer
         relu = getattr(layer, "fused_relu", False)
         k, _, kh, kw = layer.blobs[0].shape

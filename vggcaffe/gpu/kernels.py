@@ -36,6 +36,34 @@ __device__ __forceinline__ void store_f(unsigned short* p, long long i, float v)
 }
 """
 
+_VEC8 = r"""
+// 8 consecutive channels of a channels-last blob as float (vector loads and stores; the
+// index is a multiple of 8, so the addresses are 16-byte (bf16) or 32-byte aligned).
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const unsigned short* p, float* v) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    unsigned int u[4] = {a.x, a.y, a.z, a.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {          // little-endian: channel 2k in the low half
+        v[2 * k] = __uint_as_float(u[k] << 16);
+        v[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(unsigned short* p, const float* v) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(bf16_bits(v[0]) | (bf16_bits(v[1]) << 16),
+                                              bf16_bits(v[2]) | (bf16_bits(v[3]) << 16),
+                                              bf16_bits(v[4]) | (bf16_bits(v[5]) << 16),
+                                              bf16_bits(v[6]) | (bf16_bits(v[7]) << 16));
+}
+"""
+
 _TRANSPOSE = _CONVERT + r"""
 // y[b][j][i] = x[b][i][j] for a batch of (rows, cols) matrices; ACCUMULATE adds.
 extern "C" __global__ void transpose(const IN_T* x, OUT_T* y, int rows, int cols) {
