@@ -28,6 +28,8 @@ from vggcaffe.blob import Blob  # noqa: E402
 from vggcaffe.layers import LAYER_TYPES  # noqa: E402
 from vggcaffe.proto import caffe_pb2  # noqa: E402
 
+from .cuda_on_cpu import round_bf16  # noqa: E402
+
 BOUND = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 3e-2}
 
 
@@ -99,13 +101,6 @@ def compare_layer(text, arrays, bound=1e-5, phase="TRAIN", n_tops=1, backward_bo
 
 def randn(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def round_bf16(a):
-    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.astype(np.uint32).view(np.float32).reshape(np.shape(a))
 
 
 def to_bf16_blob(blob, values):

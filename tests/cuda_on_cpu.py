@@ -1,0 +1,126 @@
+"""Run vggcaffe's CUDA kernel sources on the CPU, for tests on machines without a GPU.
+
+A kernel's source is compiled as C++ (g++) with a prelude standing in for CUDA's
+built-ins (thread indices, vector types, bit casts), and called once as a single
+thread: every kernel here walks its elements in a grid-stride loop, so that one
+thread does all the work in order. This checks indexing, dtype handling and
+arithmetic; not what only a GPU shows (races, alignment faults, speed).
+
+`gpu_modules()` imports vggcaffe.gpu's modules against a stand-in `cupy` whose
+RawKernel only keeps its source, and removes them again, so the real CuPy (where
+present) and the real vggcaffe.gpu are untouched.
+"""
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+PRELUDE = r"""
+#include <algorithm>
+#include <cstring>
+using std::max;
+using std::min;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+struct Dim { unsigned x, y, z; };
+static Dim blockIdx{0, 0, 0}, threadIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned int x, y, z, w; };
+struct uint2 { unsigned int x, y; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+inline void __syncthreads() {}
+"""
+COMPILER = shutil.which("g++")
+
+
+class _SourceKernel:
+    """What the stand-in cupy.RawKernel keeps: the source and the kernel's name."""
+
+    def __init__(self, code, name, *args, **kwargs):
+        self.code, self.name = code, name
+
+
+@contextlib.contextmanager
+def gpu_modules():
+    """vggcaffe.gpu's kernels, pooling and conv modules, imported against a stand-in CuPy."""
+    stub = types.ModuleType("cupy")
+    stub.RawKernel, stub.ElementwiseKernel = _SourceKernel, lambda *args, **kwargs: None
+    stub.ndarray, stub.cuda = np.ndarray, types.SimpleNamespace()
+    import vggcaffe
+    saved = {name: module for name, module in sys.modules.items()
+             if name in ("cupy", "cudnn") or name.startswith("vggcaffe.gpu")}
+    package = vggcaffe.__dict__.get("gpu")            # `from vggcaffe import gpu` reads this attribute
+    for name in saved:
+        del sys.modules[name]
+    sys.modules["cupy"], sys.modules["cudnn"] = stub, None
+    try:
+        yield types.SimpleNamespace(**{name: importlib.import_module(f"vggcaffe.gpu.{name}")
+                                       for name in ("kernels", "pooling", "conv")})
+    finally:
+        for name in [n for n in sys.modules if n in ("cupy", "cudnn") or n.startswith("vggcaffe.gpu")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        if package is None:
+            vggcaffe.__dict__.pop("gpu", None)
+        else:
+            vggcaffe.gpu = package
+
+
+def compile_kernel(code, name, build_dir):
+    """The kernel `name` of CUDA source `code` as a C function (ctypes), built in build_dir.
+    A kernel's dynamic shared memory becomes a static array."""
+    source = PRELUDE + code.replace("extern __shared__ float ws[];", "static float ws[16384];")
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    library = Path(build_dir) / f"{name}_{key}.so"
+    if not library.exists():
+        cpp = library.with_suffix(".cpp")
+        cpp.write_text(source)
+        subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-w", str(cpp), "-o", str(library)], check=True)
+    return getattr(ctypes.CDLL(str(library)), name)
+
+
+def launch(kernel, args):
+    """Call a compiled kernel: arrays by pointer, np.int64 as long long, np.int32/int as int."""
+    values = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            values.append(ctypes.c_void_p(a.ctypes.data))
+        elif isinstance(a, np.int64):
+            values.append(ctypes.c_longlong(int(a)))
+        else:
+            values.append(ctypes.c_int(int(a)))
+    kernel(*values)
+
+
+def round_bf16(a):
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).reshape(np.shape(a))
+
+
+def bf16_bits(a):
+    """The bfloat16 bits (uint16) of float32 values that are bfloat16 already."""
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def channels_last(shape, dtype):
+    """A zeroed (N, C, H, W) view of NHWC memory."""
+    n, c, h, w = shape
+    return np.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
