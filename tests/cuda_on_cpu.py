@@ -7,9 +7,11 @@ thread does all the work in order. This checks indexing, dtype handling and
 arithmetic; not what only a GPU shows (races, alignment faults, speed).
 
 `gpu_modules()` imports vggcaffe.gpu's modules against a stand-in `cupy` whose
-RawKernel only keeps its source, and removes them again, so the real CuPy (where
-present) and the real vggcaffe.gpu are untouched.
+arrays are NumPy's and whose RawKernel compiles its source this way when called
+(so host code such as MaxPoolGPU runs unchanged on NumPy blobs), and removes them
+again, so the real CuPy (where present) and the real vggcaffe.gpu are untouched.
 """
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -17,6 +19,7 @@ import importlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -46,10 +49,18 @@ COMPILER = shutil.which("g++")
 
 
 class _SourceKernel:
-    """What the stand-in cupy.RawKernel keeps: the source and the kernel's name."""
+    """The stand-in cupy.RawKernel: keeps the source and the kernel's name; a call
+    compiles it for the CPU (once) and runs it on the NumPy arrays given."""
+    build_dir = None
 
     def __init__(self, code, name, *args, **kwargs):
         self.code, self.name = code, name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        if _SourceKernel.build_dir is None:
+            _SourceKernel.build_dir = tempfile.mkdtemp(prefix="vggcaffe-cuda-on-cpu-")
+            atexit.register(shutil.rmtree, _SourceKernel.build_dir, True)
+        launch(compile_kernel(self.code, self.name, _SourceKernel.build_dir), args)
 
 
 @contextlib.contextmanager
@@ -58,6 +69,7 @@ def gpu_modules():
     stub = types.ModuleType("cupy")
     stub.RawKernel, stub.ElementwiseKernel = _SourceKernel, lambda *args, **kwargs: None
     stub.ndarray, stub.cuda = np.ndarray, types.SimpleNamespace()
+    stub.empty, stub.zeros, stub.asarray = np.empty, np.zeros, np.asarray
     import vggcaffe
     saved = {name: module for name, module in sys.modules.items()
              if name in ("cupy", "cudnn") or name.startswith("vggcaffe.gpu")}

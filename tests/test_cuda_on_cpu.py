@@ -136,3 +136,65 @@ def test_small_c_convolution(gpu, shape, k, kernel, stride, pad, x_dtype, y_dtyp
                 int(bias), int(relu)])
     error = np.abs(host(y) - want).max() / np.abs(want).max()
     assert error <= (4e-3 if y_dtype == BF16 else 1e-6), error
+
+
+@pytest.mark.parametrize("pool,shape", [("kernel_size: 2 stride: 2", (2, 16, 9, 7)),
+                                        ("kernel_size: 3 stride: 2 pad: 1", (2, 8, 9, 7)),
+                                        ("kernel_size: 2 stride: 2", (2, 6, 8, 8))])
+@pytest.mark.parametrize("channels_last_blobs", [False, True])
+def test_max_pool_layer_host_code(gpu, pool, shape, channels_last_blobs):
+    """MaxPoolGPU itself (its choice of kernel, arguments and sizes) on NumPy blobs, with the
+    folded ReLU's mask: the Pooling layer's top and bottom diff."""
+    backend.set_mode_cpu()
+    param = text_format.Parse(f"name: 'p' type: 'Pooling' pooling_param {{ pool: MAX {pool} }}",
+                              caffe_pb2.LayerParameter())
+    x = np.maximum(np.random.default_rng(3).standard_normal(shape), 0).astype(np.float32)
+    layers, blobs = [], []
+    for fast in (False, True):
+        layer = LAYER_TYPES["Pooling"](param, phase="TRAIN", dtype=np.float32, rng=np.random.default_rng(0))
+        bottom, top = Blob(shape, xp=np), Blob((), xp=np)
+        if fast and channels_last_blobs:
+            bottom.make_channels_last()
+        bottom.data[...] = x
+        layer.setup([bottom], [top])
+        if fast:
+            layer = gpu.pooling.MaxPoolGPU(layer)
+            layer.channels_last = channels_last_blobs
+            layer.relu_mask = True
+            layer.reshape([bottom], [top])
+        layer.forward([bottom], [top])
+        top.diff[...] = np.random.default_rng(4).standard_normal(top.shape).astype(np.float32)
+        if not fast:
+            top.diff[...] *= top.data > 0                 # the ReLU backward the fast layer does
+        layer.backward([top], [True], [bottom])
+        layers.append(layer)
+        blobs.append((bottom, top))
+    (bottom, top), (fast_bottom, fast_top) = blobs
+    np.testing.assert_array_equal(fast_top.data, top.data)
+    np.testing.assert_allclose(fast_bottom.diff, bottom.diff, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("text", ["num_output: 16 kernel_size: 3 pad: 1",
+                                  "num_output: 8 kernel_size: 3 stride: 2 pad: 1 bias_term: false"])
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_small_c_convolution_host_code(gpu, text, fused_relu):
+    """CudnnConv's direct path itself (when it applies, its arguments) on a NumPy layer: the
+    top of the NumPy convolution (and ReLU)."""
+    backend.set_mode_cpu()
+    param = text_format.Parse(f"name: 'c' type: 'Convolution' convolution_param {{ {text} "
+                              f"weight_filler {{ type: 'gaussian' std: 0.3 }} bias_filler {{ type: 'gaussian' std: 0.3 }} }}",
+                              caffe_pb2.LayerParameter())
+    layer = LAYER_TYPES["Convolution"](param, phase="TEST", dtype=np.float32, rng=np.random.default_rng(5))
+    x = np.random.default_rng(6).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    bottom, top = Blob(x.shape, xp=np), Blob((), xp=np)
+    bottom.data[...] = x
+    layer.setup([bottom], [top])
+    layer.forward([bottom], [top])
+    want = np.maximum(top.data, 0) if fused_relu else top.data
+    layer.fused_relu = fused_relu
+    direct = gpu.conv.CudnnConv(layer)
+    y = channels_last(top.shape, F32)
+    assert direct._small_c_applies(y) and not direct._small_c_applies(np.zeros(top.shape, np.float32))
+    w_io = np.ascontiguousarray(layer.blobs[0].data.transpose(0, 2, 3, 1))
+    direct._fprop_small_c(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w_io, y)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
