@@ -198,3 +198,41 @@ def test_small_c_convolution_host_code(gpu, text, fused_relu):
     w_io = np.ascontiguousarray(layer.blobs[0].data.transpose(0, 2, 3, 1))
     direct._fprop_small_c(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w_io, y)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,k,kernel,stride,pad", [((2, 3, 10, 9), 16, (3, 3), (1, 1), (1, 1)),
+                                                       ((1, 3, 7, 8), 8, (3, 3), (2, 2), (1, 1)),
+                                                       ((2, 1, 6, 6), 24, (5, 3), (1, 2), (2, 0))])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_small_c_weight_gradient(gpu, monkeypatch, shape, k, kernel, stride, pad, dtype):
+    """CudnnConv._wgrad_small_c (partial sums over pixel chunks, two fixed-order reduction
+    stages) gives dW = sum over pixels of dZ x the input patch, from the NHWC compute-type
+    copies cuDNN's wgrad gets; chunks smaller than the pixel count, so the stages add up."""
+    backend.set_mode_cpu()
+    monkeypatch.setattr(gpu.conv, "WGRAD_CHUNK", 7)
+    monkeypatch.setattr(gpu.conv, "WGRAD_SLICES", 3)
+    monkeypatch.setattr(gpu.conv.cc, "scratch", lambda slot, shape, dtype: np.zeros(shape, dtype))
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    text = (f"num_output: {k} kernel_h: {kh} kernel_w: {kw} stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} "
+            f"weight_filler {{ type: 'gaussian' std: 0.3 }}")
+    param = text_format.Parse(f"name: 'c' type: 'Convolution' convolution_param {{ {text} }}", caffe_pb2.LayerParameter())
+    layer = LAYER_TYPES["Convolution"](param, phase="TRAIN", dtype=np.float32, rng=np.random.default_rng(5))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(np.float32)
+    bottom, top = Blob(shape, xp=np), Blob((), xp=np)
+    bottom.data[...] = x
+    layer.setup([bottom], [top])
+    dz = rng.standard_normal(top.shape).astype(np.float32)
+    if dtype == BF16:
+        x, dz = round_bf16(x), round_bf16(dz)
+    bottom.data[...] = x
+    top.diff[...] = dz
+    layer.blobs[0].diff[...] = 0
+    layer.backward([top], [False], [bottom])               # NumPy's dW
+    cp = 8 if dtype == BF16 else shape[1]
+    x_io = np.zeros(x.transpose(0, 2, 3, 1).shape[:3] + (cp,), dtype)
+    x_io[..., :shape[1]] = bf16_bits(x.transpose(0, 2, 3, 1)) if dtype == BF16 else x.transpose(0, 2, 3, 1)
+    dz_io = np.ascontiguousarray(bf16_bits(dz.transpose(0, 2, 3, 1)) if dtype == BF16 else dz.transpose(0, 2, 3, 1))
+    dw = gpu.conv.CudnnConv(layer)._wgrad_small_c(x_io, dz_io)     # (K, kh, kw, C)
+    want = layer.blobs[0].diff
+    np.testing.assert_allclose(dw.transpose(0, 3, 1, 2), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -171,11 +171,11 @@ def conv_text(name):
     return f"name: 'c' type: 'Convolution' convolution_param {{ {CONV[name][0]} {FILLERS} }}"
 
 
-def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layout="nhwc", cudnn_forward=True):
+def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layout="nhwc", small_c_direct=False):
     """The cuDNN layer (optionally with the ReLU folded in, NHWC blobs, bfloat16
     bottom and top as prepare_net makes them in bf16; in strict fp32, cuDNN in
-    either layout) against NumPy convolution followed by NumPy ReLU. `cudnn_forward`:
-    the forward ran through cuDNN (not the direct small-C kernel)."""
+    either layout) against NumPy convolution followed by NumPy ReLU. `small_c_direct`:
+    forward and weight gradient ran the direct small-C kernels, not cuDNN."""
     from vggcaffe.gpu import cudnn_conv, set_fp32_layout
     from vggcaffe.gpu.conv import CudnnConv
     from vggcaffe.gpu.kernels import BF16, assign
@@ -216,7 +216,7 @@ def run_conv(name, precision, fused_relu, channels_last, bf16_blobs=False, layou
     want = layout if precision == "fp32" else "nhwc"
     assert gpu._gpu.layout.name == want
     kinds = {(k[0], k[-2]) for k in cudnn_conv._graphs if tuple(ct[0].shape) in k and k[-1] == precision}
-    passes = ["fprop", "dgrad", "wgrad"] if cudnn_forward else ["dgrad", "wgrad"]
+    passes = ["dgrad"] if small_c_direct else ["fprop", "dgrad", "wgrad"]
     assert {(kind, want) for kind in passes} <= kinds, kinds
 
 
@@ -268,16 +268,19 @@ def test_conv_reduced_precision(precision, name, fused_relu, channels_last):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("name", ["small_c", "small_c_stride2"])
 @pytest.mark.parametrize("fused_relu", [False, True])
-def test_conv_small_c_direct_kernel(precision, name, fused_relu, monkeypatch):
-    """The direct kernel for few input channels (conv1_1) computes what NumPy does, in each
-    precision, with a channels-last top (bfloat16 in bf16)."""
+def test_conv_small_c_direct_kernels(precision, name, fused_relu, monkeypatch):
+    """The direct kernels for few input channels (conv1_1), forward and weight gradient,
+    compute what NumPy does, in each precision, with a channels-last top (bfloat16 in bf16)."""
     from vggcaffe.gpu import conv
     calls = []
-    direct = conv.CudnnConv._fprop_small_c
+    for method in ("_fprop_small_c", "_wgrad_small_c"):
+        def spy(self, *args, _run=getattr(conv.CudnnConv, method), _name=method):
+            calls.append(_name)
+            return _run(self, *args)
+        monkeypatch.setattr(conv.CudnnConv, method, spy)
     monkeypatch.setattr(conv, "DIRECT", "always")
-    monkeypatch.setattr(conv.CudnnConv, "_fprop_small_c", lambda self, *a: calls.append(1) or direct(self, *a))
-    run_conv(name, precision, fused_relu, True, bf16_blobs=precision == "bf16", cudnn_forward=False)
-    assert calls
+    run_conv(name, precision, fused_relu, True, bf16_blobs=precision == "bf16", small_c_direct=True)
+    assert set(calls) == {"_fprop_small_c", "_wgrad_small_c"}
 
 
 @pytest.mark.parametrize("name", ["3x3_pad1", "3x3_stride2", "1x1", "no_bias"])

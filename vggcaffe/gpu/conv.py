@@ -14,11 +14,13 @@ CuPy blobs when cuDNN is present. Two flags on the layer, set by the net pass
 Other activations enter cuDNN as NHWC copies in the compute type (float32, or
 bfloat16 held as uint16), weights as K·kh·kw·C copies; weight and bias
 gradients leave as float32 (or bfloat16, then added into the float32 diffs).
-A convolution with few input channels (VGG's conv1_1: 3) and a channels-last top
-has a direct forward kernel too (`conv_small_c`): cuDNN's engines are slow there
-(1.5 ms for conv1_1's forward in bf16, where writing the top takes ~0.15 ms), so
-the first forward of each shape times both and keeps the faster (`DIRECT`,
-`direct_timings`); backward stays with cuDNN.
+A convolution with few input channels (VGG's conv1_1: 3) has direct kernels too:
+forward into a channels-last top (`conv_small_c`) and the weight gradient
+(`conv_small_c_wgrad`: partial sums over chunks of pixels, reduced in a fixed
+order). cuDNN's engines are slow there (conv1_1 in bf16: 1.5 ms forward where
+writing the top takes ~0.15 ms, 1.8 ms backward), so the first run of each shape
+times both and keeps the faster (`DIRECT`, `direct_timings`); the data gradient
+(none for conv1_1) stays with cuDNN.
 Strict fp32 may run NCHW instead (`precision.conv_layout`): C-contiguous blobs
 and weights then go to cuDNN as they are (others as C-contiguous copies), and
 prepare_net makes no top channels-last.
@@ -43,7 +45,7 @@ _choices = {}
 # forward of each shape), "always" or "never" where it applies.
 DIRECT = "auto"
 SMALL_C = 4                 # at most this many input channels
-direct_timings = {}         # (layer, x shape, y shape, y dtype, precision) -> {"small_c": ms, "cudnn": ms}
+direct_timings = {}         # (pass, layer, shapes, dtype, precision) -> {"small_c": ms, "cudnn": ms}
 _SMALL_C_SOURCE = kernels._CONVERT + kernels._VEC8 + r"""
 typedef IDX_T idx_t;
 // y = relu?(conv(x, w) + b) for few input channels: one thread per output pixel and 8
@@ -95,6 +97,79 @@ extern "C" __global__ void conv_small_c(
     }
 }
 """
+
+
+_SMALL_C_WGRAD_SOURCE = kernels._CONVERT + kernels._VEC8 + r"""
+typedef IDX_T idx_t;
+// Partial weight gradients for few input channels (C = SC, kw = SKW, compile-time, so the
+// accumulators stay in registers): thread (chunk, tile), tile = (g, a) the 8-output group and
+// the kernel row; over the chunk's output pixels p, acc[k][b * SC + c] += dz[p][8g + k] *
+// x[tap (a, b) of p][c]. partial[chunk] holds dW (K, kh, kw, C) of its pixels. x (N, H, W, Cp)
+// and dz (N, OH, OW, K) are the compute-type NHWC arrays cuDNN's wgrad gets.
+extern "C" __global__ void conv_small_c_wgrad(
+        const T_X* x, const T_X* dz, float* partial, long long total, long long pixels, int chunk,
+        int Cp, int H, int W, int K, int OH, int OW, int kh, int sh, int sw, int ph, int pw) {
+    const int tiles = (K / 8) * kh, taps = SKW * SC;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (long long)gridDim.x * blockDim.x) {
+        int tile = (int)(t % tiles), g = tile / kh, a = tile % kh;
+        long long part = t / tiles, p1 = min((part + 1) * chunk, pixels);
+        float acc[8][SKW * SC], d[8];
+        #pragma unroll
+        for (int k = 0; k < 8; ++k)
+            #pragma unroll
+            for (int j = 0; j < SKW * SC; ++j) acc[k][j] = 0.0f;
+        for (long long p = part * chunk; p < p1; ++p) {
+            idx_t r = (idx_t)p;
+            int ow = r % OW; r /= OW;
+            int oh = r % OH;
+            int n = (int)(r / OH);
+            int ih = oh * sh - ph + a;
+            if (ih < 0 || ih >= H) continue;
+            load8(dz + p * K + g * 8, d);
+            #pragma unroll
+            for (int b = 0; b < SKW; ++b) {
+                int iw = ow * sw - pw + b;
+                if (iw >= 0 && iw < W) {
+                    long long base = (((long long)n * H + ih) * W + iw) * Cp;
+                    #pragma unroll
+                    for (int c = 0; c < SC; ++c) {
+                        float v = load_f(x, base + c);
+                        #pragma unroll
+                        for (int k = 0; k < 8; ++k) acc[k][b * SC + c] += d[k] * v;
+                    }
+                }
+            }
+        }
+        float* out = partial + part * (long long)K * kh * taps;
+        #pragma unroll
+        for (int k = 0; k < 8; ++k)
+            #pragma unroll
+            for (int j = 0; j < SKW * SC; ++j) out[((long long)(g * 8 + k) * kh + a) * taps + j] = acc[k][j];
+    }
+}
+
+// out[s][o] = the sum over rows s, s + slices, s + 2 slices, ... of in[row][o] (o < cols): the
+// partial sums reduced in a fixed order, so the gradient is the same run to run.
+extern "C" __global__ void sum_rows(const float* in, float* out, long long rows, int cols, int slices) {
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (long long)slices * cols;
+         t += (long long)gridDim.x * blockDim.x) {
+        int o = (int)(t % cols), s = (int)(t / cols);
+        float acc = 0.0f;
+        for (long long r = s; r < rows; r += slices) acc += in[r * cols + o];
+        out[(long long)s * cols + o] = acc;
+    }
+}
+"""
+WGRAD_CHUNK, WGRAD_SLICES = 512, 64     # output pixels per partial sum; first-stage slices of the reduction
+
+
+@functools.lru_cache(maxsize=None)
+def _small_c_wgrad_kernels(x_dtype, c, kw, wide):
+    """(partial-sum kernel, row-sum kernel) of the small-C weight gradient for C = c, kw."""
+    code = (_SMALL_C_WGRAD_SOURCE.replace("T_X", kernels._C_TYPES[np.dtype(x_dtype)]).replace("SKW", str(kw))
+            .replace("SC", str(c)).replace("IDX_T", "long long" if wide else "unsigned int"))
+    return cupy.RawKernel(code, "conv_small_c_wgrad"), cupy.RawKernel(code, "sum_rows")
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,29 +315,51 @@ class CudnnConv:
 
     def _fprop(self, x_io, w_io, x_shape, y, precision, io):
         """Y from the compute-type X and W: cuDNN, or the direct small-C kernel (DIRECT)."""
-        if not self._small_c_applies(y):
-            return self._fprop_cudnn(x_io, w_io, x_shape, y, precision, io)
-        if DIRECT == "auto":
-            key = (self.layer.name, tuple(x_shape), tuple(y.shape), y.dtype.str, precision)
-            if key not in direct_timings:
-                direct_timings[key] = {
-                    "cudnn": cc._elapsed_ms(lambda: self._fprop_cudnn(x_io, w_io, x_shape, y, precision, io)),
-                    "small_c": cc._elapsed_ms(lambda: self._fprop_small_c(x_io, w_io, y))}
-            direct = direct_timings[key]["small_c"] < direct_timings[key]["cudnn"]
-        else:
-            direct = DIRECT == "always"
-        if direct:
-            self._fprop_small_c(x_io, w_io, y)
-        else:
+        def cudnn():
             self._fprop_cudnn(x_io, w_io, x_shape, y, precision, io)
 
-    def _small_c_applies(self, y):
-        """The direct kernel can compute this layer's top: few input channels, K % 8 == 0, no
-        dilation, a channels-last float32 or bfloat16 top, weights that fit in shared memory."""
+        def direct():
+            self._fprop_small_c(x_io, w_io, y)
+        key = ("fprop", self.layer.name, tuple(x_shape), tuple(y.shape), y.dtype.str, precision)
+        (direct if self._small_c_applies(y) and _use_direct(key, direct, cudnn) else cudnn)()
+
+    def _small_c(self):
+        """The direct kernels can compute this layer: NHWC, few input channels, K % 8 == 0, no
+        dilation, kw * C <= 12 (registers of the weight gradient), weights that fit in shared
+        memory."""
         layer = self.layer
         k, c, kh, kw = layer.blobs[0].shape
         return (self.layout.nhwc and c <= SMALL_C and k % 8 == 0 and tuple(layer.dilation) == (1, 1)
-                and cc.is_channels_last(y) and y.dtype in (F32, kernels.BF16) and (k * kh * kw * c + k) * 4 <= 48 << 10)
+                and kw * c <= 12 and (k * kh * kw * c + k) * 4 <= 48 << 10)
+
+    def _small_c_applies(self, y):
+        """The direct forward can write top `y`: a small-C layer, a channels-last float32 or
+        bfloat16 top."""
+        return self._small_c() and cc.is_channels_last(y) and y.dtype in (F32, kernels.BF16)
+
+    def _wgrad_small_c(self, x_io, dz):
+        """dW (K, kh, kw, C) float32 from the NHWC compute-type X and dZ: partial sums over
+        chunks of output pixels, then summed in two fixed-order stages."""
+        layer = self.layer
+        k, c, kh, kw = layer.blobs[0].shape
+        n, oh, ow, _ = dz.shape
+        _, h, w, cp = x_io.shape
+        (ph, pw), (sh, sw) = layer.pad, layer.stride
+        pixels = n * oh * ow
+        parts = -(-pixels // WGRAD_CHUNK)
+        cols = k * kh * kw * c
+        partial_kernel, sum_kernel = _small_c_wgrad_kernels(x_io.dtype.str, c, kw, pixels >= 2**31)
+        partial = cc.scratch("small_c_partial", (parts, cols), F32)
+        slices = cc.scratch("small_c_slices", (WGRAD_SLICES, cols), F32)
+        dw = cc.scratch("dw", (k, kh, kw, c), F32)
+        total, i32 = parts * (k // 8) * kh, np.int32
+        partial_kernel((int(min((total + 255) // 256, 1 << 20)), 1, 1), (256, 1, 1),
+                       (x_io, dz, partial, np.int64(total), np.int64(pixels), i32(WGRAD_CHUNK), i32(cp), i32(h),
+                        i32(w), i32(k), i32(oh), i32(ow), i32(kh), i32(sh), i32(sw), i32(ph), i32(pw)))
+        for src, dst, rows, count in ((partial, slices, parts, WGRAD_SLICES), (slices, dw, WGRAD_SLICES, 1)):
+            sum_kernel((int(min((count * cols + 255) // 256, 1 << 20)), 1, 1), (256, 1, 1),
+                       (src, dst, np.int64(rows), i32(cols), i32(count)))
+        return dw
 
     def _fprop_small_c(self, x_io, w_io, y):
         layer = self.layer
@@ -372,15 +469,25 @@ class CudnnConv:
         cp = x_shape[1]
         args = (tuple(x_shape), dy_shape, (k, cp, kh, kw), self.geom)
         layout = self.layout
-        out_io, plan = _choose(("wgrad", self.layer.name) + args + (layout.name, precision),
-                               [True, False] if io != F32 else [False],
-                               lambda o: cc.wgrad_plan(*args, o, precision, layout.name))
-        dw = cc.scratch("dw", layout.shape((k, cp, kh, kw)), io if out_io else F32)
-        plan.run(X=self.saved[i].data.ptr, DY=dz.data.ptr, DW=dw.data.ptr)
+        result = {}
+
+        def cudnn():
+            out_io, plan = _choose(("wgrad", self.layer.name) + args + (layout.name, precision),
+                                   [True, False] if io != F32 else [False],
+                                   lambda o: cc.wgrad_plan(*args, o, precision, layout.name))
+            result["dw"] = cc.scratch("dw", layout.shape((k, cp, kh, kw)), io if out_io else F32)
+            plan.run(X=self.saved[i].data.ptr, DY=dz.data.ptr, DW=result["dw"].data.ptr)
+
+        def direct():
+            result["dw"] = self._wgrad_small_c(self.saved[i], dz)
+        key = ("wgrad", self.layer.name, tuple(x_shape), dy_shape, dz.dtype.str, precision)
+        applies = self._small_c() and dz.flags.c_contiguous and dz.dtype == self.saved[i].dtype
+        (direct if applies and _use_direct(key, direct, cudnn) else cudnn)()
+        dw = result["dw"]
         if not layout.nhwc:
             w_blob.diff += dw
             return
-        if cp != c:
+        if dw.shape[-1] != c:
             dw = cupy.ascontiguousarray(dw[..., :c])
         kernels.batched_transpose(dw, w_blob.diff, k, kh * kw, c, accumulate=True)
 
@@ -398,6 +505,16 @@ class CudnnConv:
         plan.run(DY=dz.data.ptr, W=self.w_io.data.ptr, DX=out.data.ptr)
         if not direct:
             _store(out if cp == c else cupy.ascontiguousarray(out[..., :c]), dx, layout)
+
+
+def _use_direct(key, direct, cudnn):
+    """Whether to run the direct kernel rather than cuDNN for `key` (DIRECT; "auto" times the
+    no-argument launches `direct` and `cudnn` the first time and keeps the faster)."""
+    if DIRECT != "auto":
+        return DIRECT == "always"
+    if key not in direct_timings:
+        direct_timings[key] = {"cudnn": cc._elapsed_ms(cudnn), "small_c": cc._elapsed_ms(direct)}
+    return direct_timings[key]["small_c"] < direct_timings[key]["cudnn"]
 
 
 def _padded(shape, cp):
