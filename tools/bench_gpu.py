@@ -4,12 +4,12 @@ One run measures, for VGG-16 (D) and VGG-19 (E) at batch 64, 224x224, with
 synthetic data already on the GPU, in each precision (fp32 strict, tf32,
 bf16): training steps (forward, backward, SGD momentum 0.9, weight decay
 5e-4, biases at 2x lr without decay, as the models' prototxts) and inference
-(forward only, TEST phase; vggcaffe's intermediate activations share memory
-as in its evaluation, PyTorch's are freed under inference_mode), on both
-sides; img/s, the ratio, and peak GPU memory (the most CuPy's pool held,
-from net construction through the warm-up steps and after the timed ones /
-PyTorch's caching allocator's peak reserved bytes), with where vggcaffe's
-goes (activations, diffs, parameters, scratch).
+(a forward pass: vggcaffe's deploy net, its activations sharing memory as in
+its evaluation, PyTorch's model(x) under inference_mode; neither computes a
+loss or accuracy), on both sides; img/s, the ratio, and peak GPU memory (the
+most CuPy's pool held, from net construction through the warm-up steps and
+after the timed ones / PyTorch's caching allocator's peak reserved bytes),
+with where vggcaffe's goes (activations, diffs, parameters, scratch).
 PyTorch runs with cudnn.benchmark; TF32 only in tf32 mode; bf16 as autocast
 with channels_last (float32 master weights, like vggcaffe's bf16).
 "fp32-nchw" and "fp32-nhwc" run vggcaffe's strict fp32 with its convolutions
@@ -81,7 +81,7 @@ def _vggcaffe_run(model, precision, batch, warmup, iters, train):
     from vggcaffe.memory import share_data
     from vggcaffe.net import Net
     from vggcaffe.solver import SGDSolver
-    from vggcaffe.timing import fill_inputs
+    from vggcaffe.timing import fill_inputs, synthetic_net
     _cupy_release()
     pool = cupy.get_default_memory_pool()
     high = _HighWater(pool)
@@ -96,7 +96,8 @@ def _vggcaffe_run(model, precision, batch, warmup, iters, train):
             solver.apply_update(0.01)
     else:
         gpu.set_precision(precision)
-        net = share_data(gpu.prepare_net(Net(param.net_param, phase="TEST", seed=1701)))  # as evaluate.Model
+        deploy = synthetic_net(str(ROOT / "models" / f"{model}_deploy.prototxt"), batch)
+        net = share_data(gpu.prepare_net(Net(deploy, phase="TEST", seed=1701)))  # as evaluate.Model
 
         def step():
             net.forward_loss()
