@@ -23,9 +23,9 @@ The Communicator is what the solver calls:
                                layers below run backward
   allreduce_gradients(params, loss)
                                averages the gradients in place: waits for the
-                               layer-wise collectives, or (layer_wise_reduce:
-                               false) reduces one packed buffer per dtype;
-                               returns the mean loss over the ranks
+                               layer-wise collectives, or else reduces one
+                               packed buffer per dtype; returns the mean loss
+                               over the ranks
   broadcast_params(blobs)      rank 0's weights (after --weights, --snapshot)
   mean(values), bcast_object(obj)
                                display values averaged over the ranks; rank
