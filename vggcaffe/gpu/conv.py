@@ -26,6 +26,7 @@ and weights then go to cuDNN as they are (others as C-contiguous copies), and
 prepare_net makes no top channels-last.
 """
 import functools
+import os
 
 import cupy
 import numpy as np
@@ -41,9 +42,9 @@ F32 = np.dtype(np.float32)
 CHANNEL_ALIGN = {"bf16": 8, "tf32": 4}
 _choices = {}
 
-# The direct small-C convolution: "auto" (the faster of it and cuDNN, timed at the first
-# forward of each shape), "always" or "never" where it applies.
-DIRECT = "auto"
+# The direct small-C kernels: "auto" (the faster of them and cuDNN, timed at the first
+# run of each shape), "always" or "never" where they apply (VGGCAFFE_SMALL_C sets it).
+DIRECT = os.environ.get("VGGCAFFE_SMALL_C", "auto")
 SMALL_C = 4                 # at most this many input channels
 direct_timings = {}         # (pass, layer, shapes, dtype, precision) -> {"small_c": ms, "cudnn": ms}
 _SMALL_C_SOURCE = kernels._CONVERT + kernels._VEC8 + r"""

@@ -16,6 +16,7 @@ loads and stores instead of 2- or 4-byte ones (`max_pool_forward_vec`,
 `max_pool_backward_tiled_vec`; same results, same argmax layout).
 """
 import functools
+import os
 
 import cupy
 import numpy as np
@@ -24,6 +25,7 @@ from ..layers.base import Layer
 from . import cudnn_conv as cc
 from .kernels import _C_TYPES, _CONVERT, _VEC8
 
+VECTOR = os.environ.get("VGGCAFFE_POOL_VECTOR", "1") != "0"   # the 8-channel kernels where they apply
 _COMMON = _CONVERT + r"""
 // Index t over (n, c, h, w) with c fastest (channels-last memory) or w fastest (NCHW);
 // idx_t is 32-bit where the element count allows (64-bit division is slow on GPUs).
@@ -210,8 +212,9 @@ def _grid(total):
 
 
 def _vectorized(*arrays):
-    """The 8-channel kernels apply: every array channels-last, with C a multiple of 8."""
-    return all(a.shape[1] % 8 == 0 and cc.is_channels_last(a) for a in arrays)
+    """The 8-channel kernels apply: every array channels-last, with C a multiple of 8 (and
+    VGGCAFFE_POOL_VECTOR is not 0)."""
+    return VECTOR and all(a.shape[1] % 8 == 0 and cc.is_channels_last(a) for a in arrays)
 
 
 class MaxPoolGPU(Layer):
