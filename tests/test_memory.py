@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vggcaffe import cpu
+from vggcaffe.blob import is_channels_last
 from vggcaffe.errors import VggcaffeError
 from vggcaffe.memory import share_data, share_diffs
 from vggcaffe.net import Net
@@ -189,20 +190,27 @@ def test_blobs_sharing_data_have_disjoint_forward_spans():
         assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
 
 
-def test_shared_data_nets_refuse_backward_and_unknown_blobs():
+def test_shared_data_nets_refuse_backward_partial_runs_and_unknown_blobs():
+    """Backward, a forward from a later layer, and asking for an intermediate blob that a
+    later layer overwrites are refused with a message; forward up to a layer returns its top."""
     net = share_data(Net(branched(), phase="TRAIN", seed=5))
     fill_inputs(net)
     net.forward_loss()
     with pytest.raises(VggcaffeError, match="runs forward only: its activations share memory"):
         net.backward()
+    with pytest.raises(VggcaffeError, match="forward must start at the first layer, not 'conv_a'"):
+        net.forward(start="conv_a")
+    with pytest.raises(VggcaffeError, match=r"blob\(s\) conv1 are overwritten by later layers"):
+        net.forward(blobs=["conv1"])
+    assert net.forward(end="pool1")["pool1"].shape == (4, 6, 4, 4)
     with pytest.raises(VggcaffeError, match="has no blob 'conv9'"):
         share_data(Net(branched(), phase="TEST", seed=5), keep=["conv9"])
 
 
 def test_building_a_net_allocates_no_activations():
-    """As in Caffe, a blob's memory comes at its first use: a built net holds its
-    parameters only; a forward allocates the activations; share_data's slots then hold
-    less than the plain net's activations."""
+    """As in Caffe, a blob's memory comes at its first use: a built (and CPU-prepared) net
+    holds its parameters only; a forward allocates the activations, in the recorded
+    layouts; share_data's slots then hold less than the plain net's activations."""
     import tracemalloc
     param = synthetic_net(str(MODELS / "small" / "A_train_val.prototxt"), batch=64)
     tracemalloc.start()
@@ -214,9 +222,13 @@ def test_building_a_net_allocates_no_activations():
     params = sum(b.data.nbytes for b in net.learnable_params)
     assert not any(b.has_data for b in net.blobs.values())
     assert built < params + (1 << 20)
+    cpu.prepare_net(net)                                  # records channels-last layouts, allocates nothing
+    assert not any(b.has_data for b in net.blobs.values())
+    assert any(b.channels_last for b in net.blobs.values())
     fill_inputs(net)
     net.forward_loss()
     assert all(b.has_data for b in net.blobs.values())
+    assert all(is_channels_last(b.data) for b in net.blobs.values() if b.channels_last)
     shared = share_data(Net(param, phase="TEST", seed=5))
     fill_inputs(shared)
     shared.forward_loss()

@@ -98,6 +98,9 @@ def _vggcaffe_run(model, precision, batch, warmup, iters, train):
         gpu.set_precision(precision)
         deploy = synthetic_net(str(ROOT / "models" / f"{model}_deploy.prototxt"), batch)
         net = share_data(gpu.prepare_net(Net(deploy, phase="TEST", seed=1701)))  # as evaluate.Model
+        for blob in net.learnable_params:    # a deploy net has no fillers: MSRA-scaled weights, zero biases
+            scale = (2 / np.prod(blob.shape[1:])) ** 0.5 if len(blob.shape) > 1 else 0.0
+            blob.data[...] = cupy.random.standard_normal(blob.shape, dtype=np.float32) * np.float32(scale)
 
         def step():
             net.forward_loss()
@@ -236,7 +239,7 @@ def main(argv=None):
     from vggcaffe.gpu import conv
     meta["cudnn_fallbacks"] = sorted({f"{k[0]} {k[1]}: config {v}" for k, v in conv._choices.items() if v})
     meta["cudnn_autotune"] = _autotune_summary()
-    meta["small_c_conv_ms"] = {f"{k[0]} {k[-1]} {np.dtype(k[3]).name}": v for k, v in conv.direct_timings.items()}
+    meta["small_c_conv_ms"] = {f"{k[0]} {k[1]} {k[-1]} {np.dtype(k[-2]).name}": v for k, v in conv.direct_timings.items()}
     print(json.dumps(meta))
     print(_table(rows))
     if args.json:

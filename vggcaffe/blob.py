@@ -15,11 +15,12 @@ class Blob:
 
     As in pycaffe, `blob.data[...] = x` writes in place; `reshape` keeps the
     arrays when the element count does not change. As in Caffe (SyncedMemory),
-    memory is allocated (zeros) when first used: the data at its first access
-    (building a net only sets shapes, so a net's preparation, or a shared slot,
-    decides the layout and dtype before any activation memory exists), the diff
-    in data's layout at its first access (blobs that never see a backward pass,
-    as in TEST nets, hold no diff memory).
+    memory is allocated (zeros) when first used: the data at its first access,
+    in the blob's layout (`channels_last`) and dtype, which building a net and
+    preparing it only record, so no activation memory exists before a forward
+    or a shared slot (vggcaffe.memory) provides it; the diff in data's layout at
+    its first access (blobs that never see a backward pass, as in TEST nets,
+    hold no diff memory).
     """
 
     def __init__(self, shape=(), dtype=np.float32, xp=None):
@@ -28,17 +29,28 @@ class Blob:
         self._shape = tuple(int(d) for d in shape)
         self._data = None
         self._diff = None
+        self.channels_last = False      # the data is (or will be allocated as) NHWC memory
 
     @property
     def data(self):
         if self._data is None:
-            self._data = self._xp.zeros(self._shape, self.dtype)
+            self._data = self._zeros(self._shape, self.dtype)
         return self._data
 
     @data.setter
     def data(self, value):
         self._data = value
         self._shape = tuple(value.shape)
+        layout = value.ndim == 4 and is_channels_last(value)
+        if not (layout and value.flags.c_contiguous):    # an array that is both says nothing
+            self.channels_last = layout
+
+    def _zeros(self, shape, dtype):
+        """Zeros of `shape` and `dtype` in the blob's layout."""
+        if self.channels_last and len(shape) == 4:
+            n, c, h, w = shape
+            return self._xp.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+        return self._xp.zeros(shape, dtype)
 
     @property
     def has_data(self):
@@ -107,15 +119,21 @@ class Blob:
 
     def make_channels_last(self, keep_values=False, dtype=None):
         """Give data and diff NHWC memory (same shape; zeroed, the diff when next
-        used, or with their values when `keep_values`) unless they have it. `dtype`
-        changes the storage type too (the GPU's bf16 mode keeps some blobs as
-        bfloat16 bits in uint16)."""
+        used, or with their values when `keep_values`) unless they have it; a blob
+        without data only records the layout for its allocation. `dtype` changes
+        the storage type too (the GPU's bf16 mode keeps some blobs as bfloat16 bits
+        in uint16)."""
         dtype = self.dtype if dtype is None else np.dtype(dtype)
-        if self._data is None or not is_channels_last(self._data) or self._data.dtype != dtype:
-            n, c, h, w = self.shape
-            data = self._xp.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+        if len(self._shape) != 4:
+            raise ValueError(f"make_channels_last needs a 4-D blob, not shape {self._shape}")
+        if self._data is None:
+            self.channels_last, self.dtype, self._diff = True, dtype, None
+            return
+        if not is_channels_last(self._data) or self._data.dtype != dtype:
+            self.channels_last = True
+            data = self._zeros(self._shape, dtype)
             diff = None
-            if keep_values and self._data is not None:
+            if keep_values:
                 data[...] = self._data
                 if self._diff is not None:
                     diff = self._zeros_like_data(data)

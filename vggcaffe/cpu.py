@@ -40,7 +40,7 @@ def prepare_net(net):
     for i, layer in enumerate(net.layers):
         bottom, top = net._bottoms[i], net._tops[i]
         conv = layer.type == "Convolution" and len(top) == 1
-        pool = layer.type == "Pooling" and len(top) == 1 and is_channels_last(bottom[0].data)
+        pool = layer.type == "Pooling" and len(top) == 1 and bottom[0].channels_last
         if not (conv or pool):
             continue
         users = consumers(net, i)

@@ -171,4 +171,4 @@ class DataSlots:
                 continue
             if buffer is None or buffer.nbytes < nbytes:
                 buffer = self.buffers[k] = array_module(like).empty(nbytes, np.uint8)
-            blob.data = _view_as(buffer, blob.shape, like.dtype, blob.has_data and _strided_channels_last(like))
+            blob.data = _view_as(buffer, blob.shape, like.dtype, blob.channels_last)

@@ -350,6 +350,10 @@ class Net:
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's Net.forward: set inputs, run, return {output: data}."""
+        names = self.outputs if end is None else list(self.param.layer[self._index(end, 0)].top)
+        names = list(names) + [b for b in (blobs or []) if b not in names]
+        if self.data_slots is not None:
+            self._check_shared_forward(start, end, names)
         for name, value in inputs.items():
             if name not in self.inputs:
                 raise VggcaffeError(f"'{name}' is not a net input; inputs are {self.inputs}")
@@ -359,9 +363,21 @@ class Net:
                 blob.reshape(value.shape)
             blob.data[...] = value
         self.forward_loss(start, end)
-        names = self.outputs if end is None else list(self.param.layer[self._index(end, 0)].top)
-        names = list(names) + [b for b in (blobs or []) if b not in names]
         return {name: self.blobs[name].data for name in names}
+
+    def _check_shared_forward(self, start, end, names):
+        """A net whose activations share memory (share_data) runs from its first layer and
+        hands back no blob that a later layer may have overwritten."""
+        if self._index(start, 0) > 0:
+            raise VggcaffeError(f"net '{self.name}' shares activation memory (vggcaffe.memory.share_data): "
+                                f"forward must start at the first layer, not '{start}'")
+        last = self._tops[self._index(end, len(self.layers) - 1)]
+        shared = [name for name in names if name in self.blobs and id(self.blobs[name]) in self.data_slots.slot_of
+                  and not any(self.blobs[name] is t for t in last)]
+        if shared:
+            raise VggcaffeError(f"net '{self.name}' shares activation memory (vggcaffe.memory.share_data): "
+                                f"blob(s) {', '.join(shared)} are overwritten by later layers; "
+                                f"name them in share_data(net, keep=[...])")
 
     def backward(self, diffs=None, start=None, end=None, **top_diffs):
         """pycaffe's Net.backward: set output diffs, run, return {input: diff}."""

@@ -511,10 +511,16 @@ class CudnnConv:
 def _use_direct(key, direct, cudnn):
     """Whether to run the direct kernel rather than cuDNN for `key` (DIRECT; "auto" times the
     no-argument launches `direct` and `cudnn` the first time and keeps the faster)."""
+    if DIRECT not in ("auto", "always", "never"):
+        raise VggcaffeError(f"VGGCAFFE_SMALL_C='{DIRECT}': choose auto, always or never")
     if DIRECT != "auto":
         return DIRECT == "always"
     if key not in direct_timings:
-        direct_timings[key] = {"cudnn": cc._elapsed_ms(cudnn), "small_c": cc._elapsed_ms(direct)}
+        try:
+            cudnn_ms = cc._elapsed_ms(cudnn)
+        except VggcaffeError:                 # cuDNN has no engine for this layer
+            cudnn_ms = float("inf")
+        direct_timings[key] = {"cudnn": cudnn_ms, "small_c": cc._elapsed_ms(direct)}
     return direct_timings[key]["small_c"] < direct_timings[key]["cudnn"]
 
 

@@ -98,7 +98,7 @@ class BaseDataLayer(Layer):
         if self._producer is None:
             self._start()
         data, labels, self._state = self._prefetcher.get() if self._prefetcher else self._producer()
-        xp = array_module(top[0].data)
+        xp = array_module(top[0].template)
         top[0].reshape(data.shape)                     # (N, C, H, W)
         top[0].data[...] = xp.asarray(data)
         if len(top) > 1:
