@@ -11,7 +11,6 @@ does (tests/test_cpu_prepare.py); the Solver and `vggcaffe time` prepare their
 nets, and blobs keep their logical (N, C, H, W) shape, so pycaffe-style access
 is unchanged.
 """
-from .blob import is_channels_last
 from .layers.relu import consumers, fold_relu
 from .proto import caffe_pb2
 
