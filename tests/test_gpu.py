@@ -240,6 +240,53 @@ def test_fp32_layout_choice():
         set_fp32_layout("nhcw")
 
 
+@pytest.fixture(scope="module")
+def vgg_shape_reference():
+    """float64 NumPy forward and backward of 3x3 convolutions at two of VGG-16's shapes
+    (conv3_2, conv4_2) at batch 32: {C: (param, x, dy, y, dx, dW)}."""
+    out = {}
+    for c, h in ((256, 56), (512, 28)):
+        backend.set_mode_cpu()
+        param = text_format.Parse(f"name: 'c' type: 'Convolution' convolution_param {{ num_output: {c} kernel_size: 3 "
+                                  f"pad: 1 weight_filler {{ type: 'msra' }} }}", caffe_pb2.LayerParameter())
+        layer = LAYER_TYPES["Convolution"](param, phase="TRAIN", dtype=np.float64, rng=np.random.default_rng(7))
+        x, dy = randn(32, c, h, h, seed=1).astype(np.float64), randn(32, c, h, h, seed=2).astype(np.float64)
+        bottom, top = Blob(x.shape, dtype=np.float64, xp=np), Blob((), dtype=np.float64, xp=np)
+        bottom.data[...] = x
+        layer.setup([bottom], [top])
+        weights = np.array(layer.blobs[0].data, dtype=np.float32)
+        layer.blobs[0].data[...] = weights                 # the float32 weights, exactly
+        layer.forward([bottom], [top])
+        top.diff[...] = dy
+        layer.backward([top], [True], [bottom])
+        out[c] = (param, x, dy, top.data.copy(), bottom.diff.copy(), layer.blobs[0].diff.copy(), weights)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("c", [256, 512])
+def test_strict_fp32_at_vgg_shapes(vgg_shape_reference, layout, c):
+    """Strict fp32 at VGG-16's own layer shapes (batch 32, so cuDNN picks among the plans a
+    training run gets, not the small tests'): forward, dX and dW within 1e-5 of float64,
+    in each layout (a TF32 engine would be ~1e-3 off)."""
+    from vggcaffe.gpu import set_fp32_layout, set_precision
+    param, x, dy, y, dx, dw, weights = vgg_shape_reference[c]
+    backend.set_mode_gpu()
+    set_precision("fp32")
+    set_fp32_layout(layout)
+    layer = LAYER_TYPES["Convolution"](param, phase="TRAIN", dtype=np.float32, rng=np.random.default_rng(7))
+    bottom, top = Blob(x.shape, dtype=np.float32), Blob((), dtype=np.float32)
+    bottom.data[...] = cupy.asarray(x, np.float32)
+    layer.setup([bottom], [top])
+    layer.blobs[0].data[...] = cupy.asarray(weights)
+    layer.forward([bottom], [top])
+    assert rel_err(top.data, y) <= 1e-5, "forward"
+    top.diff[...] = cupy.asarray(dy, np.float32)
+    layer.backward([top], [True], [bottom])
+    assert rel_err(bottom.diff, dx) <= 1e-5, "dX"
+    assert rel_err(layer.blobs[0].diff, dw) <= 1e-5, "dW"
+
+
 def test_conv_plans_are_autotuned():
     """With autotuning on, every convolution graph the layer ran timed its candidate plans
     and runs the fastest."""
