@@ -34,6 +34,11 @@ typedef IDX_T idx_t;
     idx_t r = (idx_t)t; int n, c, h, w; \
     if (c_fastest) { c = r % C; r /= C; w = r % W; r /= W; h = r % H; n = (int)(r / H); } \
     else { w = r % W; r /= W; h = r % H; r /= H; c = r % C; n = (int)(r / C); }
+// Output (h, w)'s window: unclipped corner (hs, ws); rows h0..h1-1 and columns w0..w1-1 inside the input.
+#define WINDOW(h, w) \
+    int hs = h * sh - ph, ws = w * sw - pw; \
+    int h1 = min(hs + kh, H), w1 = min(ws + kw, W); \
+    int h0 = max(hs, 0), w0 = max(ws, 0);
 """
 
 _FORWARD = _COMMON + r"""
@@ -47,9 +52,7 @@ extern "C" __global__ void max_pool_forward(
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)gridDim.x * blockDim.x) {
         DECOMPOSE(t, C, OH, OW)
-        int hs = h * sh - ph, ws = w * sw - pw;
-        int h1 = min(hs + kh, H), w1 = min(ws + kw, W);
-        int h0 = max(hs, 0), w0 = max(ws, 0);
+        WINDOW(h, w)
         long long plane = n * xn + c * xc;
         float best = 0.0f;
         int where = 255;
@@ -123,9 +126,7 @@ extern "C" __global__ void max_pool_forward_vec(
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)gridDim.x * blockDim.x) {
         DECOMPOSE(t, C8, OH, OW)
-        int hs = h * sh - ph, ws = w * sw - pw;
-        int h1 = min(hs + kh, H), w1 = min(ws + kw, W);
-        int h0 = max(hs, 0), w0 = max(ws, 0);
+        WINDOW(h, w)
         float best[8], v[8];
         int where[8];
         #pragma unroll
