@@ -181,6 +181,31 @@ def test_array_and_list_inputs_give_the_same_batch(x32):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("as_list", [False, True])
+def test_parts_in_threads_and_out_buffers_give_the_same_batch(x32, monkeypatch, tmp_path, as_list):
+    """A batch cut into parts (each cropped, flipped, shifted and normalised by a pool thread)
+    equals the whole batch done at once; `out` is filled and returned when it fits."""
+    from concurrent.futures import ThreadPoolExecutor
+    from vggcaffe.data import transforms
+    mean = tmp_path / "mean.npy"
+    np.save(mean, x32[:100].mean(axis=0).transpose(2, 0, 1))      # (C, H, W)
+    text = (f'crop_size: 28 mirror: true color_shift_std: 0.1 mean_file: "{mean}" scale: 0.5 '
+            + format_pca(*compute_pca(x32[:100])).replace("\n", " "))
+    images = x32[:50] if not as_list else list(x32[:50])
+    whole = transformer(text)(images, np.random.default_rng(12))
+    monkeypatch.setattr(transforms, "PART_SIZE", 1000)           # 8 parts of 6-7 images
+    out = np.full((50, 3, 28, 28), np.nan, np.float32)
+    with ThreadPoolExecutor(3) as pool:
+        parts = transformer(text)(images, np.random.default_rng(12), map_fn=pool.map, out=out)
+    assert parts is out
+    np.testing.assert_array_equal(parts, whole)
+    for wrong in [np.empty((49, 3, 28, 28), np.float32), np.empty((50, 3, 28, 28), np.float64),
+                  np.empty((50, 28, 28, 3), np.float32).transpose(0, 3, 1, 2)]:
+        again = transformer(text)(images, np.random.default_rng(12), out=wrong)
+        assert again is not wrong
+        np.testing.assert_array_equal(again, whole)
+
+
 def test_images_of_different_sizes_and_the_crop_fit_error():
     images = [load_image(p) for p in photo_paths()[:6]]
     out = transformer("scale_min: 64 crop_size: 56 mirror: true")(images, np.random.default_rng(11))

@@ -12,7 +12,8 @@ import weakref
 
 
 class BatchProducer:
-    """Callable: () -> (data (N, C, H, W), labels (N,), state after this batch)."""
+    """Callable: (out=None) -> (data (N, C, H, W), labels (N,), state after this batch);
+    the data is written into `out` when that fits (Transformer's `out`)."""
 
     def __init__(self, source, transformer, order, rng, label_dtype, map_fn=map):
         self.source, self.transformer, self.order = source, transformer, order
@@ -22,10 +23,10 @@ class BatchProducer:
         return {"epoch": self.order.epoch, "position": self.order.position,
                 "rng": self.rng.bit_generator.state}
 
-    def __call__(self):
+    def __call__(self, out=None):
         indices = self.order.next()
         images = self.source.get(indices, self.map_fn)
-        data = self.transformer(images, self.rng, self.source.names(indices), self.map_fn)
+        data = self.transformer(images, self.rng, self.source.names(indices), self.map_fn, out)
         return data, self.source.labels[indices].astype(self.label_dtype), self.state()
 
 

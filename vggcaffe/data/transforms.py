@@ -24,7 +24,11 @@ All randomness comes from the numpy Generator passed in, drawn per batch in a
 fixed order (S, crop offsets, flips, colour-shift coefficients), so the same
 Generator state gives the same batch. Images of one size (the npz case) are
 cropped and flipped by gathering from a sliding-window view (also the fastest
-way to NCHW); images of different sizes with one slice each.
+way to NCHW); images of different sizes with one slice each. A large batch is
+cut into parts that the threads of `map_fn` crop, flip and normalise at once
+(every draw is made before, so the batch does not depend on the cut), into an
+`out` array the caller may keep between batches (fresh memory costs page
+faults: at 64 x 224 x 224 reusing it takes a third off the time).
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -40,6 +44,13 @@ def to_gray(x):
         r, g, b = (x[..., i].astype(np.uint32) for i in range(3))
         return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]
     return (x @ np.array([0.299, 0.587, 0.114]))[..., None]
+
+
+PARTS, PART_SIZE = 8, 1 << 18      # a large batch's crops go to at most 8 threads, >= 256 Ki values each
+
+
+def _channels(batch):
+    return batch.shape[-1] if isinstance(batch, np.ndarray) else batch[0].shape[-1]
 
 
 def _crop_flip(batch, offsets, flips, height, width):
@@ -119,9 +130,12 @@ class Transformer:
         return (self.channels(channels),) + ((size, size) if size else (height + pad, width + pad))
 
     # --- the pipeline ---------------------------------------------------
-    def __call__(self, images, rng, names=None, map_fn=map):
+    def __call__(self, images, rng, names=None, map_fn=map, out=None):
         """images: (N, H, W, C) array or a list of (H, W, C) arrays -> (N, C, h, w) self.dtype.
-        names[i] names image i in errors; map_fn (e.g. a thread pool's map) runs the rescales."""
+        names[i] names image i in errors; map_fn (e.g. a thread pool's map) runs the rescales
+        and, for large batches, the crops and pixel operations of parts of the batch. The
+        result is written into `out` when it has the result's shape and dtype (a pinned
+        buffer, say), else into a new array."""
         n = len(images)
         names = names if names is not None else [f"#{i}" for i in range(n)]
         images = self._force_channels(images)
@@ -135,9 +149,24 @@ class Transformer:
         flips = rng.random(n) < 0.5 if self.param.mirror else np.zeros(n, bool)
         alphas = rng.normal(0.0, self.param.color_shift_std, (n, 3)) \
             if self.train and self.param.color_shift_std > 0 else None
-        batch = self._subtract_mean_image(batch, names)
-        x = _crop_flip(batch, offsets, flips, height, width).astype(self.dtype, order="C")  # (N, C, h, w)
-        return self._pixel_ops(x, alphas)
+        shape = (n, _channels(batch), height, width)
+        shifts = self._colour_shifts(alphas, shape[1])
+        if out is None or out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            out = np.empty(shape, self.dtype)
+
+        def part(span):                                 # images i..j-1: no draws, any order
+            i, j = span
+            x = out[i:j]
+            x[...] = _crop_flip(self._subtract_mean_image(batch[i:j], names[i:j]), offsets[i:j], flips[i:j],
+                                height, width)
+            self._pixel_ops(x, None if shifts is None else shifts[i:j])
+
+        parts = max(1, min(PARTS, out.size // PART_SIZE))
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        spans = [(int(i), int(j)) for i, j in zip(bounds[:-1], bounds[1:]) if j > i]
+        for _ in (map_fn if len(spans) > 1 else map)(part, spans):
+            pass
+        return out
 
     def _force_channels(self, images):
         if not (self.param.force_gray or self.param.force_color):
@@ -192,13 +221,19 @@ class Transformer:
             return batch - self.mean_image
         return [im - self.mean_image for im in batch]
 
-    def _pixel_ops(self, x, alphas):
+    def _colour_shifts(self, alphas, c):
+        """The PCA colour shift of each image, (N, 3) in self.dtype (None without alphas)."""
+        if alphas is None:
+            return None
+        if c != 3:
+            raise self.error(f"the PCA colour shift needs 3 channels, the images have {c}")
+        return ((alphas * self.eigval) @ self.eigvec.T).astype(self.dtype)
+
+    def _pixel_ops(self, x, shifts):
         """Colour shift, mean_value and scale on (N, C, h, w), in place."""
         c = x.shape[1]
-        if alphas is not None:
-            if c != 3:
-                raise self.error(f"the PCA colour shift needs 3 channels, the images have {c}")
-            x += ((alphas * self.eigval) @ self.eigvec.T)[:, :, None, None].astype(x.dtype)
+        if shifts is not None:
+            x += shifts[:, :, None, None]
         if len(self.mean_value):
             if len(self.mean_value) not in (1, c):
                 raise self.error(f"{len(self.mean_value)} mean_value given for {c}-channel images (need 1 or {c})")
