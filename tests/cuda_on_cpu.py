@@ -64,12 +64,14 @@ class _SourceKernel:
 
 
 @contextlib.contextmanager
-def gpu_modules():
-    """vggcaffe.gpu's kernels, pooling and conv modules, imported against a stand-in CuPy."""
+def gpu_modules(names=("kernels", "pooling", "conv"), **attributes):
+    """vggcaffe.gpu's modules `names`, imported against a stand-in CuPy (with `attributes`
+    added to or replacing its own)."""
     stub = types.ModuleType("cupy")
     stub.RawKernel, stub.ElementwiseKernel = _SourceKernel, lambda *args, **kwargs: None
     stub.ndarray, stub.cuda = np.ndarray, types.SimpleNamespace()
     stub.empty, stub.zeros, stub.asarray = np.empty, np.zeros, np.asarray
+    stub.__dict__.update(attributes)
     import vggcaffe
     saved = {name: module for name, module in sys.modules.items()
              if name in ("cupy", "cudnn") or name.startswith("vggcaffe.gpu")}
@@ -79,7 +81,7 @@ def gpu_modules():
     sys.modules["cupy"], sys.modules["cudnn"] = stub, None
     try:
         yield types.SimpleNamespace(**{name: importlib.import_module(f"vggcaffe.gpu.{name}")
-                                       for name in ("kernels", "pooling", "conv")})
+                                       for name in names})
     finally:
         for name in [n for n in sys.modules if n in ("cupy", "cudnn") or n.startswith("vggcaffe.gpu")]:
             del sys.modules[name]

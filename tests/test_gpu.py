@@ -449,6 +449,30 @@ def test_losses_and_accuracy():
                   backward_bottoms=[False, False])
 
 
+def test_data_layer_feed_uploads_the_host_batches():
+    """NpzData on the GPU (its prefetch thread uploading through pinned memory on a copy
+    stream) gives the batches it gives on NumPy; nothing waits for the device between
+    forwards (the tops' copies come to the host at the end) while its 5 slots go round."""
+    npz = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette_32.npz"
+    if not npz.exists():
+        pytest.skip(f"real test data not found at {npz}")
+    text = (f'name: "data" type: "NpzData" top: "data" top: "label" npz_data_param {{ source: "{npz}" '
+            f'batch_size: 64 shuffle: true }} transform_param {{ crop_size: 28 mirror: true mean_value: 120 }}')
+    batches = []
+    for gpu, prefetch in [(False, 0), (True, 3)]:
+        layer, _, top = build(text, [], gpu, n_tops=2)
+        layer.prefetch, out = prefetch, []
+        for _ in range(13):
+            layer.forward([], top)
+            out.append((top[0].data.copy(), top[1].data.copy()))
+        assert (layer._stager is not None) == gpu
+        layer.close()
+        batches.append([(cupy.asnumpy(d), cupy.asnumpy(lab)) for d, lab in out])
+    for (d, lab), (gd, glab) in zip(*batches):
+        np.testing.assert_array_equal(gd, d)
+        np.testing.assert_array_equal(glab, lab)
+
+
 # --- a whole VGG-16 ------------------------------------------------------------------
 def record_cpu(net):
     """Per layer, on NumPy: bottoms before forward (x), tops after (y), top diffs

@@ -154,35 +154,47 @@ def _memory_account(net, history, pool):
 
 
 # --- PyTorch -------------------------------------------------------------------------
-def torch_run(model, precision, batch, warmup, iters, train):
+def torch_model(model, precision):
+    """(torchvision net on the GPU, autocast arguments, train_step(x, y)): the same SGD
+    settings as the prototxts; channels_last in bf16."""
     import torch
     import torch.nn.functional as F
     import torchvision
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     net = {"D": torchvision.models.vgg16, "E": torchvision.models.vgg19}[model]().cuda()
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
     if precision == "bf16":
         net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
     weights = [p for n, p in net.named_parameters() if not n.endswith("bias")]
     biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
     opt = torch.optim.SGD([{"params": weights}, {"params": biases, "lr": 0.02, "weight_decay": 0.0}],
                           lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def train_step(x, y):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(**autocast):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+    return net, autocast, train_step
+
+
+def torch_run(model, precision, batch, warmup, iters, train):
+    import torch
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    net, autocast, train_step = torch_model(model, precision)
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    if precision == "bf16":
+        x = x.contiguous(memory_format=torch.channels_last)
     if train:
         net.train()
 
         def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(**autocast):
-                loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            opt.step()
+            train_step(x, y)
     else:
         net.eval()
 
@@ -191,7 +203,7 @@ def torch_run(model, precision, batch, warmup, iters, train):
                 net(x)
     seconds = _timed(step, warmup, iters, torch.cuda.synchronize)
     peak = torch.cuda.max_memory_reserved()
-    del net, opt, x, y, step
+    del net, train_step, x, y, step
     gc.collect()
     torch.cuda.empty_cache()
     return batch / seconds, peak

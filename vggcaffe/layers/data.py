@@ -18,6 +18,8 @@ Order, sharding, prefetch and resume (both layers):
   batch. Augmentation draws come from self.rng, which differs per rank.
 - A daemon thread prepares `prefetch` batches ahead (0: make them in forward);
   one thread makes them in order, so the batches do not depend on prefetch.
+  On the GPU that thread also uploads each batch (pinned memory, a copy
+  stream: vggcaffe/gpu/feed.py), and forward only queues a device copy.
   Its exceptions are re-raised by forward. close() stops it. Within a batch,
   `workers` threads decode and rescale images (pure functions, results kept
   in order, so they do not change the batches either).
@@ -47,7 +49,7 @@ class BaseDataLayer(Layer):
     max_top = 2
     prefetch = 3
     workers = min(8, os.cpu_count() or 1)      # decode/rescale threads (ImageData, rescaling)
-    _producer = _prefetcher = _pool = _state = _order_seed = None
+    _producer = _prefetcher = _stager = _pool = _state = _order_seed = None
 
     # --- what a subclass provides ------------------------------------------
     def open_source(self):
@@ -95,10 +97,13 @@ class BaseDataLayer(Layer):
 
     # --- forward ------------------------------------------------------------
     def forward(self, bottom, top):
-        if self._producer is None:
-            self._start()
-        data, labels, self._state = self._prefetcher.get() if self._prefetcher else self._producer()
         xp = array_module(top[0].template)
+        if self._producer is None:
+            self._start(on_gpu=xp is not np)
+        data, labels, self._state = self._prefetcher.get() if self._prefetcher else self._producer()
+        if self._stager is not None:                   # uploaded by the prefetch thread
+            data.deliver(top)
+            return
         top[0].reshape(data.shape)                     # (N, C, H, W)
         top[0].data[...] = xp.asarray(data)
         if len(top) > 1:
@@ -130,7 +135,7 @@ class BaseDataLayer(Layer):
             self._pool = None
 
     # --- the producer -------------------------------------------------------
-    def _start(self):
+    def _start(self, on_gpu=False):
         self._state = self.state()
         self.rng.bit_generator.state = self._state["rng"]
         order = BatchOrder(len(self.source), self.batch_size, self.shuffle, self.order_seed,
@@ -141,12 +146,18 @@ class BaseDataLayer(Layer):
         map_fn = self._pool.map if self._pool is not None else map
         self._producer = BatchProducer(self.source, self.transformer, order, self.rng, self.dtype, map_fn)
         if self.prefetch > 0:
-            self._prefetcher = Prefetcher(self._producer, self.prefetch)
+            produce = self._producer
+            if on_gpu and os.environ.get("VGGCAFFE_GPU_FEED", "1") != "0":
+                from ..gpu.feed import Stager
+                produce = self._stager = Stager(self._producer, self.prefetch)
+            self._prefetcher = Prefetcher(produce, self.prefetch)
 
     def _stop(self):
         if self._prefetcher is not None:
             self._prefetcher.close()
-        self._producer = self._prefetcher = None
+        if self._stager is not None:
+            self._stager.close()
+        self._producer = self._prefetcher = self._stager = None
 
 
 @register("ImageData", "IMAGE_DATA")
