@@ -203,6 +203,28 @@ def test_snapshot_with_a_caffemodel_format(tmp_path):
     assert weights.name == "snap_iter_1.caffemodel" and state.name == "snap_iter_1.solverstate"
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_solverstate_file_is_protobufs_own_bytes(tmp_path, dtype):
+    """The state is written from the history arrays' bytes; protobuf's own serializer, fed
+    the same fields, writes the same file."""
+    import json
+    from tests.test_weights import reference_blob
+    os.chdir(tmp_path)
+    solver = make_solver(extra='lr_policy: "multistep" stepvalue: 1 gamma: 0.5', dtype=dtype)
+    solver.plateau.best = 0.25
+    solver.step(2)
+    _, path = solver.snapshot()
+    written = path.read_bytes()
+    state = caffe_pb2.SolverState.FromString(written)
+    assert state.iter == 2 and state.current_step == 1 and state.plateau_best == 0.25 and json.loads(state.rng_state)
+    expected = caffe_pb2.SolverState(iter=state.iter, learned_net=state.learned_net, current_step=state.current_step,
+                                     plateau_best=state.plateau_best, plateau_wait=state.plateau_wait,
+                                     plateau_reductions=state.plateau_reductions, rng_state=state.rng_state)
+    for hist in solver.history:
+        expected.history.add().CopyFrom(reference_blob(hist))
+    assert written == expected.SerializeToString()
+
+
 def test_nan_loss_stops_with_a_message():
     solver = make_solver(extra="base_lr: 1e30")
     with pytest.raises(VggcaffeError, match=r"loss is (nan|inf) at iteration \d+"):

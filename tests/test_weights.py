@@ -81,3 +81,36 @@ def test_npz_is_loaded_without_pickle(tmp_path):
     np.savez(tmp_path / "obj.npz", **{"fc/0": np.array([object()], dtype=object)})
     with pytest.raises(VggcaffeError, match="obj.npz"):
         tiny().copy_from(tmp_path / "obj.npz")
+
+
+def reference_blob(array):
+    """A BlobProto made through protobuf's API (what the writers must match byte for byte)."""
+    proto = caffe_pb2.BlobProto()
+    proto.shape.dim.extend(array.shape)
+    values = array.ravel().tolist()
+    (proto.double_data if array.dtype == np.float64 else proto.data).extend(values)
+    return proto
+
+
+@pytest.mark.parametrize("array", [np.arange(-3, 9, dtype=np.float32).reshape(3, 4) / 7,
+                                   np.array([np.nan, -0.0, np.inf, 1e-45, 3.4e38], np.float32),
+                                   np.linspace(-1, 1, 300).reshape(10, 30),            # float64: double_data
+                                   np.zeros((0, 4), np.float32), np.float32(2.5)])
+def test_blob_pieces_are_protobufs_own_bytes(array):
+    from vggcaffe.weights import blob_proto_pieces, message_field
+    assert b"".join(blob_proto_pieces(array)) == reference_blob(array).SerializeToString()
+    wrapped = caffe_pb2.LayerParameter(name="l")
+    wrapped.blobs.add().CopyFrom(reference_blob(array))
+    assert (caffe_pb2.LayerParameter(name="l").SerializeToString() + b"".join(message_field(7, blob_proto_pieces(array)))
+            == wrapped.SerializeToString())
+
+
+def test_caffemodel_file_is_protobufs_own_bytes(tmp_path):
+    net = tiny(3)
+    net.save(tmp_path / "w.caffemodel")
+    param = caffe_pb2.NetParameter(name=net.name)
+    for name, blobs in net.params.items():
+        layer = param.layer.add(name=name, type=net.layer_dict[name].type)
+        for blob in blobs:
+            layer.blobs.add().CopyFrom(reference_blob(blob.data))
+    assert (tmp_path / "w.caffemodel").read_bytes() == param.SerializeToString()

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from . import backend
 from .errors import VggcaffeError
 from .proto import caffe_pb2
-from .weights import _atomic_write, array_to_blob_proto, blob_proto_to_array, load_weights, save_weights
+from .weights import _atomic_write, blob_proto_pieces, blob_proto_to_array, load_weights, message_field, save_weights
 
 
 def snapshot_paths(solver):
@@ -60,16 +60,18 @@ def write_snapshot(solver):
     weights_path, state_path = snapshot_paths(solver)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(solver.net, weights_path)
-    state = caffe_pb2.SolverState(iter=solver.iter, learned_net=str(weights_path),
-                                  current_step=solver.current_step,
-                                  plateau_wait=solver.plateau.wait,
-                                  plateau_reductions=solver.plateau.reductions,
-                                  rng_state=json.dumps(_rng_states(solver)))
+    # SolverState's fields in number order: iter (1), learned_net (2), history (3), the rest (4, 100-103)
+    head = caffe_pb2.SolverState(iter=solver.iter, learned_net=str(weights_path))
+    tail = caffe_pb2.SolverState(current_step=solver.current_step, plateau_wait=solver.plateau.wait,
+                                 plateau_reductions=solver.plateau.reductions,
+                                 rng_state=json.dumps(_rng_states(solver)))
     if solver.plateau.best is not None:
-        state.plateau_best = solver.plateau.best
+        tail.plateau_best = solver.plateau.best
+    pieces = [head.SerializeToString()]
     for hist in solver.history:
-        state.history.add().CopyFrom(array_to_blob_proto(backend.to_numpy(hist)))
-    _atomic_write(state_path, lambda f: f.write(state.SerializeToString()))
+        pieces += message_field(3, blob_proto_pieces(backend.to_numpy(hist)))
+    pieces.append(tail.SerializeToString())
+    _atomic_write(state_path, lambda f: f.writelines(pieces))
     return weights_path, state_path
 
 

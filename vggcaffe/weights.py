@@ -32,14 +32,35 @@ def blob_proto_to_array(proto):
     return array.reshape(shape), not proto.HasField("shape")
 
 
-def array_to_blob_proto(array):
-    proto = caffe_pb2.BlobProto()
-    proto.shape.dim.extend(array.shape)
-    if array.dtype == np.float64:
-        proto.double_data.extend(array.ravel().tolist())
-    else:
-        proto.data.extend(array.astype(np.float32).ravel().tolist())
-    return proto
+# --- writing BlobProtos from the arrays' bytes ------------------------------------------
+# protobuf's Python API takes repeated floats one Python float at a time: a VGG-16 solver
+# state took 9.5 s and 4.3 GiB beyond its arrays. These write the same bytes as
+# SerializeToString (fields in number order, packed floats) as pieces, the values being
+# views of the arrays' own memory.
+def _varint(n):
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def message_field(number, pieces):
+    """Pieces of a length-delimited field `number` holding the serialized `pieces`."""
+    return [_varint(number << 3 | 2), _varint(sum(len(p) for p in pieces))] + pieces
+
+
+def blob_proto_pieces(array):
+    """A BlobProto of `array` (its shape; float64 as double_data, else float32 data),
+    serialized, as pieces: what protobuf writes for the same message."""
+    array = np.asarray(array)
+    double = array.dtype == np.float64
+    values = np.ascontiguousarray(array, dtype="<f8" if double else "<f4").reshape(-1)
+    shape = caffe_pb2.BlobProto()
+    shape.shape.dim.extend(array.shape)
+    data = message_field(8 if double else 5, [memoryview(values).cast("B")]) if values.size else []
+    return [shape.SerializeToString()] + data if double else data + [shape.SerializeToString()]
 
 
 def _shapes_match(target, source, legacy):
@@ -70,12 +91,13 @@ def save_weights(net, path):
     """Write the net's parameters to `.npz` or `.caffemodel` (by extension), atomically."""
     path = Path(path)
     if path.suffix == ".caffemodel":
-        param = caffe_pb2.NetParameter(name=net.name)
-        for name, blobs in net.params.items():
-            layer = param.layer.add(name=name, type=net.layer_dict[name].type)
-            for blob in blobs:
-                layer.blobs.add().CopyFrom(array_to_blob_proto(backend.to_numpy(blob.data)))
-        _atomic_write(path, lambda f: f.write(param.SerializeToString()))
+        pieces = [caffe_pb2.NetParameter(name=net.name).SerializeToString()]
+        for name, blobs in net.params.items():                  # NetParameter.layer = 100
+            layer = [caffe_pb2.LayerParameter(name=name, type=net.layer_dict[name].type).SerializeToString()]
+            for blob in blobs:                                   # LayerParameter.blobs = 7
+                layer += message_field(7, blob_proto_pieces(backend.to_numpy(blob.data)))
+            pieces += message_field(100, layer)
+        _atomic_write(path, lambda f: f.writelines(pieces))
     else:
         arrays = {f"{name}/{j}": backend.to_numpy(b.data) for name, blobs in net.params.items()
                   for j, b in enumerate(blobs)}
