@@ -9,9 +9,11 @@ once and queues the other's work until something waits for it:
 - "lazy compute": the compute stream's work (the copy into the top, and the
   test's reads of it) runs only at a wait, so a prefetch thread that refilled a
   slot before its batch was copied out would hand the wrong batch on.
-Either way the batches must equal those of the same layer on NumPy.
+Either way the batches must equal those of the same layer on NumPy. Each forward
+waits until the prefetch queue is full, so the feed runs as far ahead as it can.
 """
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +53,15 @@ class Stream:
     def wait_event(self, event):
         self.enqueue(event.synchronize)
 
+    def __enter__(self):                 # the current stream for allocations: nothing to do here
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
 
 class Event:
-    def __init__(self, disable_timing=False):
+    def __init__(self, block=False, disable_timing=False):
         self.stream, self.mark = None, 0
 
     def record(self, stream=None):
@@ -106,6 +114,14 @@ class Fake:
 FAKE = None
 
 
+def wait_until(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the prefetch thread did not fill its queue"
+        time.sleep(0.005)
+    time.sleep(0.02)                                # and let it start on the next batch
+
+
 def npz_layer(xp=None, prefetch=3):
     text = (f'name: "data" type: "NpzData" top: "data" top: "label" '
             f'npz_data_param {{ source: "{NPZ}" batch_size: 8 shuffle: true }} '
@@ -137,7 +153,9 @@ def test_staged_batches_equal_the_host_batches(lazy):
         layer, top = npz_layer(xp=cupy)
         got = []
         try:
-            for _ in range(steps):
+            for step in range(steps):
+                if step:                            # the prefetch queue full: the feed as far ahead as it goes
+                    wait_until(layer._prefetcher._queue.full)
                 layer.forward([], top)
                 assert isinstance(layer._stager, gpu.feed.Stager)
                 data, label = top[0].data, top[1].data          # read when the compute stream gets here

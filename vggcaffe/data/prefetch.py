@@ -41,18 +41,24 @@ def _drain(q, stop):
 
 
 def _work(produce, q, stop):
-    while not stop.is_set():
-        try:
-            item = (produce(), None)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            item = (None, e)
-        q.put(item)
-        if item[1] is not None:
-            return
+    try:
+        while not stop.is_set():
+            try:
+                item = (produce(), None)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                item = (None, e)
+            q.put(item)
+            if item[1] is not None:
+                return
+    finally:
+        if hasattr(produce, "close"):   # e.g. the GPU feed: wait for its copies before its buffers go
+            produce.close()
 
 
 class Prefetcher:
-    """A daemon thread calling `produce` ahead of get(); its exceptions are re-raised by get()."""
+    """A daemon thread calling `produce` ahead of get(); its exceptions are re-raised by get().
+    When the thread ends (close(), or the Prefetcher collected), it calls produce.close()
+    where the producer has one."""
 
     def __init__(self, produce, depth=3):
         self._queue = queue.Queue(maxsize=depth)
