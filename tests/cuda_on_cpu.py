@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import hashlib
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,13 @@ inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline void __syncthreads() {}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+extern "C" void vggcaffe_set_grid(unsigned by, unsigned bz, unsigned gy, unsigned gz) {
+    blockIdx.y = by; blockIdx.z = bz; gridDim.y = gy; gridDim.z = gz;
+}
 """
 COMPILER = shutil.which("g++")
 
@@ -92,17 +100,24 @@ def gpu_modules(names=("kernels", "pooling", "conv"), **attributes):
             vggcaffe.gpu = package
 
 
-def compile_kernel(code, name, build_dir):
-    """The kernel `name` of CUDA source `code` as a C function (ctypes), built in build_dir.
-    A kernel's dynamic shared memory becomes a static array."""
+def compile_library(code, name, build_dir):
+    """CUDA source `code` compiled for the CPU (ctypes library) in build_dir, the prelude
+    first. A kernel's dynamic shared memory becomes a static array."""
     source = PRELUDE + code.replace("extern __shared__ float ws[];", "static float ws[16384];")
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
     library = Path(build_dir) / f"{name}_{key}.so"
     if not library.exists():
-        cpp = library.with_suffix(".cpp")
+        cpp = library.with_suffix(f".{os.getpid()}.cpp")
         cpp.write_text(source)
-        subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-w", str(cpp), "-o", str(library)], check=True)
-    return getattr(ctypes.CDLL(str(library)), name)
+        partial = library.with_suffix(f".{os.getpid()}.so")
+        subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-w", str(cpp), "-o", str(partial)], check=True)
+        os.replace(partial, library)
+    return ctypes.CDLL(str(library))
+
+
+def compile_kernel(code, name, build_dir):
+    """The kernel `name` of CUDA source `code` as a C function (ctypes), built in build_dir."""
+    return getattr(compile_library(code, name, build_dir), name)
 
 
 def launch(kernel, args):
