@@ -184,9 +184,9 @@ def main(argv=None):
                      for how in ("synthetic", "feed", "no feed")}
             theirs = None if args.skip_torch else torch_run(*run, precision, args.jitter, args.warmup, args.iters,
                                                             args.workers)
-            ratio = f"{times['feed'] / theirs:.2f}" if theirs else "-"
+            ratio, theirs = (f"{times['feed'] / theirs:.2f}", f"{theirs:.0f}") if theirs else ("-", "-")
             print(f"| {precision} | {times['synthetic']:.0f} | {times['feed']:.0f} | {times['no feed']:.0f} | "
-                  f"{theirs or 0:.0f} | {times['feed'] / times['synthetic']:.2f} | {ratio} |", flush=True)
+                  f"{theirs} | {times['feed'] / times['synthetic']:.2f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ layer_wise_reduce: true: collectives started during backward);
 iter_size (float64, batch b/2, iter_size 2, layer_wise_reduce: true); global (float64,
 global_batch: true, batch N*b); resumed (float64: a snapshot at ITERS/2 restored by a new
 solver, then trained on to ITERS; also saves the data layer's generator state).
+With VGGCAFFE_FAKE_GPU=1, "gpu" runs on tests/fake_gpu.py's stand-ins.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
+
+if os.environ.get("VGGCAFFE_FAKE_GPU") == "1":    # the GPU tests on NumPy stand-ins (tests/fake_gpu.py)
+    sys.path.insert(0, str(Path(__file__).parents[2]))
+    from tests.fake_gpu import install
+    install()
 
 from vggcaffe import backend  # noqa: E402
 from vggcaffe.parallel import Communicator  # noqa: E402
