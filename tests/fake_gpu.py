@@ -6,20 +6,31 @@ Python on a machine without a GPU: `VGGCAFFE_FAKE_GPU=1 python -m pytest tests/t
 What it is:
 - `cupy`: "device" arrays are NumPy arrays of a subclass whose module is `cupy` (so
   vggcaffe.backend.array_module takes them for CuPy's), `.data.ptr` their address;
-  NumPy's functions stand in for CuPy's; streams and events run at once (no asynchrony:
-  tests/test_gpu_feed_on_cpu.py covers that); RawKernels are compiled for the CPU with
-  g++ (tests/cuda_on_cpu.py) and run one thread per grid row, walking their grid-stride
-  loops; ElementwiseKernels are generated as a C++ loop over their (broadcast) operands.
-  The tiled transpose kernel, whose threads share tiles between __syncthreads, is the
-  one kernel replaced by NumPy.
+  NumPy's functions stand in for CuPy's, ufuncs refusing host-array operands as CuPy
+  does; `empty` returns NaN bytes (CuPy's pool hands
+  out stale memory); streams and events run at once (no asynchrony:
+  tests/test_gpu_feed_on_cpu.py covers that). RawKernels are compiled for the CPU with
+  g++ (tests/cuda_on_cpu.py) and run one thread per grid row walking their grid-stride
+  loops; their arguments are checked as CuPy needs them (a device array per pointer, a
+  NumPy scalar of the parameter's exact type per scalar), and blocks of at most 1024
+  threads. ElementwiseKernels run as a generated C++ loop over their broadcast
+  operands; typed array operands must be device arrays of that dtype, outputs of the
+  broadcast shape. The tiled transpose kernel, whose threads share tiles between
+  __syncthreads, is replaced by NumPy after checking its types, grid and block.
 - `cudnn`: graphs record their operations; executing one reads the operands through
-  their pointers, dims and strides, computes the convolution, bias, ReLU or reduction in
+  their pointers, dims, strides and data types (an unset output type is the graph's
+  io type, as in the frontend), computes the convolution, bias, ReLU or reduction in
   float64, and writes the outputs (bfloat16 rounded to nearest even); two "plans" per
-  graph, equal.
-So the Python of the GPU path (layouts, strides, dtypes, plans, caches, preparation)
-runs for real against NumPy's results; speed, races and cuDNN's own numerics do not.
+  graph, equal, no workspace; no graph is ever refused.
+So the Python of the GPU path (layouts, strides, dtypes, launch arguments, plans,
+caches, preparation) runs for real against NumPy's results. Not covered: speed,
+races, alignment, shared-memory bounds, cuDNN's numerics (TF32 is exact here, so
+strict-fp32 and tf32 bounds pass trivially) and engine choices, cuDNN refusing a
+graph (the fallback configurations never run), host arrays in device calls other than
+ufuncs (NumPy functions accept them; CuPy raises), and the CUDA source of the transpose.
 """
 import ctypes
+import re
 import shutil
 import sys
 import tempfile
@@ -68,6 +79,21 @@ class ndarray(np.ndarray):
     def set(self, arr, stream=None):
         np.copyto(self.view(np.ndarray), arr)
 
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """NumPy's ufunc on the arrays' memory; a host array among the operands is an error,
+        as in CuPy (which never converts one implicitly)."""
+        out = kwargs.get("out", ())
+        for a in inputs + tuple(out):
+            if type(a) is np.ndarray and a.ndim:
+                raise TypeError(f"{ufunc.__name__}: Unsupported type {type(a)} (a host array among device operands)")
+        host = [a.view(np.ndarray) if isinstance(a, ndarray) else a for a in inputs]
+        if out:
+            kwargs["out"] = tuple(a.view(np.ndarray) if isinstance(a, ndarray) else a for a in out)
+        result = getattr(ufunc, method)(*host, **kwargs)
+        if out:
+            return out[0] if len(out) == 1 else out
+        return _device(result)
+
 
 ndarray.__module__ = "cupy"
 
@@ -95,6 +121,8 @@ def _namespace(name, source, **own):
     module.__dict__.update(own)
 
     def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
         value = getattr(source, attr)
         return _wrap(value) if callable(value) and not isinstance(value, type) else value
     module.__getattr__ = missing
@@ -118,7 +146,27 @@ def asnumpy(a, stream=None, out=None):
 def ascontiguousarray(a, dtype=None):
     if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
+    if not isinstance(a, ndarray):                  # a host array: copied to the device, never aliased
+        return np.array(a, dtype=dtype, order="C", copy=True).view(ndarray)
     return np.ascontiguousarray(a, dtype=dtype).view(ndarray)
+
+
+def empty(shape, dtype=np.float64, order="C"):
+    """Uninitialised device memory: filled with 0xFF bytes (NaN), as CuPy's pool hands out
+    stale data, so code that reads what it never wrote fails here too."""
+    a = np.empty(shape, dtype, order)
+    a.view(np.uint8).fill(0xFF)
+    return a.view(ndarray)
+
+
+def empty_like(a, dtype=None):
+    return empty(np.shape(a), a.dtype if dtype is None else dtype)
+
+
+def _device_array(a, what):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"{what}: Unsupported type {type(a)} (a host array where a device array is needed)")
+    return a
 
 
 # --- kernels -----------------------------------------------------------------------------
@@ -144,10 +192,17 @@ class ElementwiseKernel:
 
     def __call__(self, *args, size=None, stream=None):
         inputs, outputs = args[:len(self.ins)], list(args[len(self.ins):])
+        for a, (t, v) in zip(list(inputs) + outputs, self.ins + self.outs):     # as CuPy: arrays typed exactly
+            if isinstance(a, np.ndarray) and a.ndim:
+                _device_array(a, f"{self.name} argument {v}")
+                if a.dtype != np.dtype(t):
+                    raise TypeError(f"{self.name}: Type is mismatched. {v} {np.dtype(t)} {a.dtype}")
         shape = np.broadcast_shapes(*[np.shape(a) for a in list(inputs) + outputs])
+        if any(o.shape != shape for o in outputs):
+            raise ValueError(f"{self.name}: Out shape is mismatched")
         ins = [np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=t), shape)) for a, (t, _) in zip(inputs, self.ins)]
         if not outputs:
-            outputs = [np.zeros(shape, t).view(ndarray) for t, _ in self.outs]
+            outputs = [empty(shape, t) for t, _ in self.outs]
         buffers = [np.ascontiguousarray(o.view(np.ndarray), dtype=t) for o, (t, _) in zip(outputs, self.outs)]
         if self.function is None:
             self.function = getattr(compile_library(self.code, self.name, _build_dir()), self.name)
@@ -159,10 +214,18 @@ class ElementwiseKernel:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def _transpose(args, code):
+def _transpose(grid, block, args, code):
     """The tiled transpose kernel (kernels._TRANSPOSE): y[b] = x[b].T, casting, adding when
     compiled with ACCUMULATE = 1."""
     x, y, rows, cols = args
+    in_t, out_t = re.search(r"transpose\(const ([\w ]+)\* x, ([\w ]+)\* y", code).groups()
+    batch = x.size // (int(rows) * int(cols))
+    for a, t in ((x, in_t), (y, out_t)):
+        if _device_array(a, "transpose").dtype != _DTYPES[t] or not a.flags.c_contiguous:
+            raise TypeError(f"transpose: {t}* argument given a {a.dtype} array (contiguous: {a.flags.c_contiguous})")
+    if not (isinstance(rows, np.int32) and isinstance(cols, np.int32)) or tuple(grid) != (
+            (int(cols) + 31) // 32, (int(rows) + 31) // 32, batch) or tuple(block) != (32, 8, 1):
+        raise ValueError(f"transpose: launch {grid} x {block} for {batch} x {rows} x {cols}")
     x32 = _load(x.view(np.ndarray).reshape(-1, int(rows), int(cols)))
     out = y.view(np.ndarray).reshape(-1, int(cols), int(rows))
     value = x32.transpose(0, 2, 1)
@@ -185,6 +248,38 @@ def _store(a, value):
         a[...] = value
 
 
+_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64), "unsigned short": BF16,
+           "unsigned char": np.dtype(np.uint8), "int": np.dtype(np.int32), "long long": np.dtype(np.int64),
+           "unsigned long long": np.dtype(np.uint64), "unsigned int": np.dtype(np.uint32), "bool": np.dtype(bool)}
+_SCALARS = {"int": (np.int32, ctypes.c_int), "unsigned int": (np.uint32, ctypes.c_uint),
+            "long long": (np.int64, ctypes.c_longlong), "unsigned long long": (np.uint64, ctypes.c_ulonglong),
+            "float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double)}
+
+
+def _parameters(code, name):
+    """The parameter types of kernel `name` in `code`: "float*", "int", "long long", ..."""
+    match = re.search(rf'extern "C" __global__ void {name}\s*\(([^)]*)\)', code)
+    if match is None:
+        raise ValueError(f"no extern \"C\" __global__ kernel {name} in the source")
+    types_ = []
+    for param in match.group(1).split(","):
+        words = param.replace("*", " * ").replace("const", " ").replace("__restrict__", " ").split()[:-1]
+        types_.append(" ".join(w for w in words if w != "*") + ("*" if "*" in words else ""))
+    return types_
+
+
+def _argument(name, ctype, value):
+    """`value` for a parameter of `ctype` as it must be given to CuPy: a device array for a
+    pointer, a NumPy scalar of exactly that type for a scalar (CuPy would pass a Python int
+    as 64 bits and a float as a double, which the kernel would misread)."""
+    if ctype.endswith("*"):          # CuPy checks no element type: a dummy pointer is fine
+        return ctypes.c_void_p(_device_array(value, f"{name} argument {ctype}").__array_interface__["data"][0])
+    numpy_type, c_type = _SCALARS[ctype]
+    if type(value) is not numpy_type:
+        raise TypeError(f"{name}: {ctype} argument given {type(value).__name__} {value!r}")
+    return c_type(value.item())
+
+
 class RawKernel:
     """CuPy's RawKernel: compiled for the CPU, run once per (blockIdx.y, blockIdx.z) with
     one thread walking the grid-stride loop in x."""
@@ -194,19 +289,18 @@ class RawKernel:
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         if self.name == "transpose":
-            return _transpose(args, self.code)
+            return _transpose(grid, block, args, self.code)
         if self.library is None:
             self.library = compile_library(self.code, self.name, _build_dir())
-        values = []
-        for a in args:
-            if isinstance(a, np.ndarray):
-                values.append(ctypes.c_void_p(a.__array_interface__["data"][0]))
-            elif isinstance(a, (np.int64, np.uint64)):
-                values.append(ctypes.c_longlong(int(a)))
-            elif isinstance(a, np.float32):
-                values.append(ctypes.c_float(float(a)))
-            else:
-                values.append(ctypes.c_int(int(a)))
+        params = _parameters(self.code, self.name)
+        if len(params) != len(args):
+            raise TypeError(f"{self.name}: {len(args)} arguments for {len(params)} parameters")
+        values = [_argument(self.name, t, a) for t, a in zip(params, args)]
+        threads = int(np.prod(tuple(block)))
+        if not 1 <= threads <= 1024 or shared_mem > 48 * 1024:
+            raise ValueError(f"{self.name}: block {block} ({threads} threads), {shared_mem} bytes of shared memory")
+        if shared_mem and "extern __shared__" not in self.code:
+            raise ValueError(f"{self.name}: dynamic shared memory given to a kernel that declares none")
         grid = tuple(grid) + (1,) * (3 - len(grid))
         for y in range(grid[1]):
             for z in range(grid[2]):
@@ -317,7 +411,7 @@ def make_cupy():
                                    COMPUTE_TYPE_DEFAULT=0)
     core = types.ModuleType("cupy._core")
     core._routines_linalg = linalg
-    cupy = _namespace("cupy", np, ndarray=ndarray, asarray=asarray, array=lambda a, dtype=None, copy=True:
+    cupy = _namespace("cupy", np, ndarray=ndarray, asarray=asarray, empty=empty, empty_like=empty_like, array=lambda a, dtype=None, copy=True:
                       np.array(a, dtype=dtype).view(ndarray), asnumpy=asnumpy, ascontiguousarray=ascontiguousarray,
                       ElementwiseKernel=ElementwiseKernel, RawKernel=RawKernel, cuda=cuda, random=random,
                       get_default_memory_pool=lambda: _POOL, get_array_module=lambda *a: sys.modules["cupy"],
@@ -368,7 +462,8 @@ _FLOAT, _BFLOAT16 = "FLOAT", "BFLOAT16"
 
 def _view(tensor, ptr):
     """The NumPy view of a tensor at a device pointer (its dims, strides and data type)."""
-    dtype = BF16 if tensor.data_type == _BFLOAT16 else np.dtype(np.float32)
+    data_type = tensor.data_type or tensor.graph.io
+    dtype = BF16 if data_type == _BFLOAT16 else np.dtype(np.float32)
     extent = sum((d - 1) * s for d, s in zip(tensor.dim, tensor.stride)) + 1
     buffer = (ctypes.c_char * (extent * dtype.itemsize)).from_address(ptr)
     flat = np.frombuffer(buffer, dtype, extent)
@@ -398,7 +493,7 @@ class _Graph:
         return _Tensor(self, None, (), name, list(dim), list(stride), data_type)
 
     def _op(self, op, inputs, **args):
-        t = _Tensor(self, op, inputs, data_type=_FLOAT, **args)
+        t = _Tensor(self, op, inputs, data_type=None, **args)     # unset: the graph's io type (as the frontend)
         self.outputs.append(t)
         return t
 

@@ -16,6 +16,7 @@ Blobs are logical NCHW; dtype follows the bottoms (float32 or float64).
 """
 import numpy as np
 
+from ..backend import array_module
 from ..errors import VggcaffeError
 
 LAYER_TYPES = {}
@@ -27,7 +28,7 @@ def add_sums(a, out, axis):
     """out += a.sum(axis) for a 2-D array. On NumPy as a GEMV with a vector of ones,
     as Caffe's bias gradients use its bias_multiplier: BLAS runs it on all cores, about
     3× faster than NumPy's one-core summing reduction on a convolution's dY."""
-    if not isinstance(a, np.ndarray):
+    if array_module(a) is not np:
         out += a.sum(axis=axis)
         return
     n, key = a.shape[axis], a.dtype.str
