@@ -7,7 +7,7 @@ What it is:
 - `cupy`: "device" arrays are NumPy arrays of a subclass whose module is `cupy` (so
   vggcaffe.backend.array_module takes them for CuPy's), `.data.ptr` their address;
   NumPy's functions stand in for CuPy's, ufuncs refusing host-array operands as CuPy
-  does; `empty` returns NaN bytes (CuPy's pool hands
+  does; reads of device values on the host are counted (`cupy.host_reads()`); `empty` returns NaN bytes (CuPy's pool hands
   out stale memory); streams and events run at once (no asynchrony:
   tests/test_gpu_feed_on_cpu.py covers that). RawKernels are compiled for the CPU with
   g++ (tests/cuda_on_cpu.py) and run one thread per grid row walking their grid-stride
@@ -59,8 +59,22 @@ class _Pointer:
         self.ptr = ptr
 
 
+HOST_READS = [0]          # device-to-host reads so far (CuPy keeps no such count)
+
+
+def _read(method):
+    def read(self, *args, **kwargs):
+        HOST_READS[0] += 1
+        return method(self, *args, **kwargs)
+    return read
+
+
 class ndarray(np.ndarray):
-    """A "device" array."""
+    """A "device" array; reading it on the host (float(), bool(), item(), get(), ...) counts
+    in HOST_READS."""
+    __float__, __int__, __bool__, __index__ = (_read(getattr(np.ndarray, m))
+                                               for m in ("__float__", "__int__", "__bool__", "__index__"))
+    item, tolist = _read(np.ndarray.item), _read(np.ndarray.tolist)
 
     @property
     def data(self):
@@ -71,6 +85,7 @@ class ndarray(np.ndarray):
         return _Device(0)
 
     def get(self, stream=None, out=None):
+        HOST_READS[0] += 1
         if out is None:
             return np.array(self.view(np.ndarray))
         out[...] = self.view(np.ndarray)
@@ -136,6 +151,7 @@ def asarray(a, dtype=None, order=None):
 
 
 def asnumpy(a, stream=None, out=None):
+    HOST_READS[0] += isinstance(a, ndarray)
     a = np.array(a.view(np.ndarray) if isinstance(a, ndarray) else a)
     if out is not None:
         out[...] = a
@@ -415,7 +431,8 @@ def make_cupy():
                       np.array(a, dtype=dtype).view(ndarray), asnumpy=asnumpy, ascontiguousarray=ascontiguousarray,
                       ElementwiseKernel=ElementwiseKernel, RawKernel=RawKernel, cuda=cuda, random=random,
                       get_default_memory_pool=lambda: _POOL, get_array_module=lambda *a: sys.modules["cupy"],
-                      cublas=types.SimpleNamespace(gemm=_cublas_gemm), _core=core, __version__="fake")
+                      cublas=types.SimpleNamespace(gemm=_cublas_gemm), _core=core, __version__="fake",
+                      host_reads=lambda: HOST_READS[0])
     return cupy, {"cupy._core": core, "cupy._core._routines_linalg": linalg}
 
 

@@ -134,7 +134,7 @@ def test_fused_sgd_matches_caffe_update(l1, iter_size):
     from vggcaffe.gpu.kernels import FusedSGD
     rng = np.random.default_rng(5)
     shapes, rates, decays = [(64, 3, 3, 3), (64,), (1000, 7)], [0.01, 0.02, 0.003], [5e-4, 0.0, 5e-4]
-    blobs, hist_cpu, hist_gpu, ref = [], [], [], []
+    blobs, hist_gpu, ref = [], [], []
     for shape in shapes:
         b = Blob(shape, np.float32, xp=cupy)
         w, g, h = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
@@ -451,6 +451,52 @@ def test_losses_and_accuracy():
     compare_layer("name: 'e' type: 'EuclideanLoss'", [scores, randn(8, 10, seed=4)])
     compare_layer("name: 'a' type: 'Accuracy' accuracy_param { top_k: 3 }", [scores, labels],
                   backward_bottoms=[False, False])
+
+
+TINY_LOSS_NET = """
+layer { name: "x" type: "Input" top: "x" top: "label" input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_a_bad_label_is_raised_once_the_loss_is_read():
+    """On the GPU the label-range check is a device flag read with the loss, after the pass
+    is queued (no host wait inside forward); the error is the one NumPy raises at once."""
+    from vggcaffe.errors import VggcaffeError
+    from vggcaffe.net import Net
+    backend.set_mode_gpu()
+    net = Net(text_format.Parse(TINY_LOSS_NET, caffe_pb2.NetParameter()), phase="TRAIN", seed=1)
+    net.blobs["x"].data[...] = cupy.asarray(randn(4, 3))
+    net.blobs["label"].data[...] = cupy.asarray(np.array([0, 4, 1, 2], np.float32))
+    assert np.isfinite(net.forward_backward())
+    net.blobs["label"].data[...] = cupy.asarray(np.array([0, 5, 1, 2], np.float32))
+    net.layers[-1].forward(net._bottoms[-1], net._tops[-1])      # the layer alone raises nothing
+    with pytest.raises(VggcaffeError, match=r"layer 'loss' \(SoftmaxWithLoss\): a label is outside \[0, 5\)"):
+        net.forward_backward()
+    with pytest.raises(VggcaffeError, match="outside"):
+        net.forward_loss()
+    net.blobs["label"].data[...] = cupy.asarray(np.array([0, 4, 1, 2], np.float32))
+    assert np.isfinite(net.forward_loss())
+
+
+@pytest.mark.skipif(not hasattr(cupy, "host_reads"), reason="CuPy counts no host reads; the stand-in does")
+def test_a_training_step_reads_the_device_once():
+    """No host round-trip in forward, backward or the update: a GPU solver step reads the
+    device once, the loss, after backward is queued."""
+    from vggcaffe.solver import SGDSolver
+    backend.set_mode_gpu()
+    param = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed", momentum=0.9, weight_decay=5e-4,
+                                      max_iter=100, display=0, random_seed=3)
+    text_format.Parse(TINY_LOSS_NET, param.net_param)
+    solver = SGDSolver(param)
+    solver.net.blobs["x"].data[...] = cupy.asarray(randn(4, 3))
+    solver.net.blobs["label"].data[...] = cupy.asarray(np.array([0, 4, 1, 2], np.float32))
+    solver.step(2)
+    before = cupy.host_reads()
+    solver.step(3)
+    assert cupy.host_reads() - before == 3
 
 
 def test_data_layer_feed_uploads_the_host_batches():

@@ -45,8 +45,8 @@ def write_images(folder, count, size=256, seed=0):
 
 
 def transform_text(jitter):
-    return (f"mirror: true crop_size: 224 color_shift_std: 0.1 "
-            + (f"scale_min: 256 scale_max: 512 " if jitter else "")
+    return ("mirror: true crop_size: 224 color_shift_std: 0.1 "
+            + ("scale_min: 256 scale_max: 512 " if jitter else "")
             + " ".join(f"mean_value: {v}" for v in MEAN) + " "
             + " ".join(f"pca_eigval: {v}" for v in EIGVAL) + " "
             + " ".join(f"pca_eigvec: {v}" for v in EIGVEC))

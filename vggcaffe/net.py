@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import backend
 from . import layers as layer_registry  # importing it registers every layer type
 from .blob import Blob
 from .errors import VggcaffeError
@@ -321,7 +322,7 @@ class Net:
 
     def forward_loss(self, start=None, end=None):
         """Run layers start..end (inclusive); returns the total weighted loss."""
-        return float(self._forward_range(start, end))
+        return self._read_loss(self._forward_range(start, end))
 
     def _forward_range(self, start=None, end=None):
         """forward_loss without reading the loss back (a device scalar on the GPU)."""
@@ -346,7 +347,22 @@ class Net:
         GPU the device does not wait for the host between the two."""
         loss = self._forward_range()
         self.backward_all()
-        return float(loss)
+        return self._read_loss(loss)
+
+    def _read_loss(self, loss):
+        """The loss as a float, read from the device (on the GPU) in one copy together with the
+        layers' `deferred_check` flags; raises the first failed check."""
+        checks = [layer.deferred_check for layer in self.layers if layer.deferred_check is not None]
+        for layer in self.layers:
+            layer.deferred_check = None
+        if not checks:
+            return float(loss)
+        xp = backend.array_module(checks[0][0])
+        values = backend.to_numpy(xp.stack([xp.asarray(loss, np.float64)] + [f.astype(np.float64) for f, _ in checks]))
+        for flag, (_, message) in zip(values[1:], checks):
+            if flag:
+                raise VggcaffeError(message)
+        return float(values[0])
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's Net.forward: set inputs, run, return {output: data}."""

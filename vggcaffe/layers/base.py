@@ -61,6 +61,10 @@ class Layer:
     # Loss layers make their top even when the prototxt lists none, and weigh it 1.
     auto_top_blobs = False
     default_loss_weight = 0.0
+    # A check of this forward's inputs whose answer is on the device: (flag, message), raised
+    # as a VggcaffeError when the flag holds. The Net reads it once the host reads the loss
+    # anyway, so checking does not make the host wait for the device in the middle of a pass.
+    deferred_check = None
 
     def __init__(self, param, phase="TEST", dtype=np.float32, rng=None):
         self.param = param

@@ -138,10 +138,16 @@ def check_labels(layer, scores, labels, expected, same_first_dim=True):
 
 def read_labels(layer, xp, labels, num_classes):
     """(label, valid), both (outer, inner): integer labels (ignored ones set to 0)
-    and a mask of the non-ignored ones. Labels outside [0, C) are an error."""
+    and a mask of the non-ignored ones. Labels outside [0, C) are an error: raised here on
+    NumPy; on the GPU when the Net next reads the loss (`Layer.deferred_check`)."""
     label = labels.reshape(layer.outer, layer.inner).astype(np.int64)
     valid = xp.ones(label.shape, bool) if layer.ignore_label is None else label != layer.ignore_label
-    if bool((((label < 0) | (label >= num_classes)) & valid).any()):
-        raise VggcaffeError(f"layer '{layer.name}' ({layer.type}): a label is outside [0, {num_classes}) "
-                            f"and is not the ignore_label")
-    return xp.where(valid, label, 0), valid
+    outside = ((label < 0) | (label >= num_classes)) & valid
+    message = (f"layer '{layer.name}' ({layer.type}): a label is outside [0, {num_classes}) "
+               f"and is not the ignore_label")
+    if xp is np:
+        if outside.any():
+            raise VggcaffeError(message)
+    else:                                   # meanwhile such labels index class 0 (the pass's results are dropped)
+        layer.deferred_check = (outside.any(), message)
+    return xp.where(valid & ~outside, label, 0), valid
