@@ -341,6 +341,30 @@ def test_conv_bf16_blobs(name, fused_relu):
     run_conv(name, "bf16", fused_relu, True, bf16_blobs=True)
 
 
+@pytest.mark.parametrize("refuse,precision,bf16_blobs", [
+    ("fused", "fp32", False), ("fused", "bf16", True), ("bf16_out", "bf16", False), ("fused", "fp32-nchw", False)])
+def test_conv_fallback_configurations(monkeypatch, refuse, precision, bf16_blobs):
+    """Where cuDNN refuses a graph the layer falls back to the next configuration: "fused",
+    no bias or ReLU inside the graph (a plain convolution, then the bias_relu kernel on the
+    float32 or bfloat16 top); "bf16_out", no bfloat16 outputs (float32 ones, stored after).
+    Refusals are simulated by failing those graphs' builds."""
+    from vggcaffe.gpu import conv
+    choose = conv._choose
+
+    def refusing(key, configs, build):
+        def build_or_refuse(config):
+            fused = isinstance(config, tuple) and (config[0] or config[1])
+            bf16_out = config[2] if isinstance(config, tuple) else config
+            if (fused if refuse == "fused" else bf16_out):
+                raise RuntimeError("refused by the test")
+            return build(config)
+        return choose(key, configs, build_or_refuse)
+    monkeypatch.setattr(conv, "_choose", refusing)
+    monkeypatch.setattr(conv, "_choices", {})                  # no configuration remembered from other tests
+    precision, _, layout = precision.partition("-")
+    run_conv("3x3_pad1", precision, True, True, bf16_blobs=bf16_blobs, layout=layout or "nhwc")
+
+
 # --- the other layers ----------------------------------------------------------------
 @pytest.mark.parametrize("pool,channels_last", [
     ("pool: MAX kernel_size: 2 stride: 2", False), ("pool: MAX kernel_size: 2 stride: 2", True),
