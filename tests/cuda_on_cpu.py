@@ -133,11 +133,17 @@ def launch(kernel, args):
     kernel(*values)
 
 
+def to_bf16_bits(a):
+    """The bfloat16 bits (uint16) of float32 values rounded to nearest, ties to even, NaN
+    kept quiet: what the kernels' bf16_bits does."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).reshape(np.shape(a))
+
+
 def round_bf16(a):
     """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.astype(np.uint32).view(np.float32).reshape(np.shape(a))
+    return from_bf16_bits(to_bf16_bits(a))
 
 
 def bf16_bits(a):

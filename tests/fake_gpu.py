@@ -39,7 +39,7 @@ import types
 
 import numpy as np
 
-from .cuda_on_cpu import compile_library
+from .cuda_on_cpu import compile_library, from_bf16_bits, to_bf16_bits
 
 BF16 = np.dtype(np.uint16)
 _build = {"dir": None}
@@ -251,22 +251,14 @@ def _transpose(grid, block, args, code):
 
 
 def _load(a):
-    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == BF16 else a.astype(np.float32)
+    return from_bf16_bits(a) if a.dtype == BF16 else a.astype(np.float32)
 
 
 def _store(a, value):
-    if a.dtype == BF16:
-        u = np.ascontiguousarray(value, np.float32).view(np.uint32).astype(np.uint64)
-        nan = (u & 0x7FFFFFFF) > 0x7F800000
-        bits = np.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
-        a[...] = bits.astype(np.uint16)
-    else:
-        a[...] = value
+    a[...] = to_bf16_bits(value) if a.dtype == BF16 else value
 
 
-_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64), "unsigned short": BF16,
-           "unsigned char": np.dtype(np.uint8), "int": np.dtype(np.int32), "long long": np.dtype(np.int64),
-           "unsigned long long": np.dtype(np.uint64), "unsigned int": np.dtype(np.uint32), "bool": np.dtype(bool)}
+_DTYPES = {c: np.dtype(name) for name, c in _C_TYPES.items()}      # C type -> NumPy dtype
 _SCALARS = {"int": (np.int32, ctypes.c_int), "unsigned int": (np.uint32, ctypes.c_uint),
             "long long": (np.int64, ctypes.c_longlong), "unsigned long long": (np.uint64, ctypes.c_ulonglong),
             "float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double)}
