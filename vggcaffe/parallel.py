@@ -408,9 +408,8 @@ class PinnedMpiReducer(MpiReducer):
         one per device buffer (`own`) for the nonblocking ones, several of which are in flight."""
         key = (flat.dtype.str, flat.size) + ((flat.data.ptr,) if own else ())
         if key not in self.host:
-            import cupy
-            memory = cupy.cuda.alloc_pinned_memory(flat.nbytes)
-            self.host[key] = np.frombuffer(memory, flat.dtype, flat.size)
+            from .gpu.feed import pinned_empty
+            self.host[key] = pinned_empty(flat.size, flat.dtype)
         return self.host[key]
 
     def allreduce_sum(self, flat):

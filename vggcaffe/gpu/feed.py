@@ -27,8 +27,8 @@ import cupy
 import numpy as np
 
 
-def _pinned(shape, dtype):
-    """A NumPy array of `shape` and `dtype` in pinned host memory."""
+def pinned_empty(shape, dtype):
+    """A NumPy array of `shape` and `dtype` in pinned (page-locked) host memory."""
     count = int(np.prod(shape, dtype=np.int64))
     memory = cupy.cuda.alloc_pinned_memory(max(count * np.dtype(dtype).itemsize, 1))
     return np.frombuffer(memory, dtype, count).reshape(shape)
@@ -48,7 +48,7 @@ class _Slot:
         buffers come from `stream`'s share of CuPy's pool: memory the compute stream freed
         may still be in use by its queued kernels, which the copy stream does not wait for."""
         if [(a.shape, a.dtype) for a in arrays] != [(h.shape, h.dtype) for h in self.host]:
-            self.host = [_pinned(a.shape, a.dtype) for a in arrays]
+            self.host = [pinned_empty(a.shape, a.dtype) for a in arrays]
             with stream:
                 self.device = [cupy.empty(a.shape, a.dtype) for a in arrays]
 
