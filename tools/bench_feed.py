@@ -74,10 +74,8 @@ def solver_param(npz, batch, precision, jitter, synthetic):
             text_format.Parse(transform_text(jitter), new.transform_param)
             new.npz_data_param.source, new.npz_data_param.batch_size = str(npz), batch
             new.npz_data_param.shuffle = True
-    p = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4,
-                                  max_iter=100000, random_seed=1701, precision=precision)
-    p.net_param.CopyFrom(synthetic_net(out, batch) if synthetic else out)
-    return p
+    from bench_gpu import solver_param as sgd_settings
+    return sgd_settings(synthetic_net(out, batch) if synthetic else out, precision)
 
 
 def vggcaffe_run(npz, batch, precision, jitter, warmup, iters, how):

@@ -44,12 +44,12 @@ def _timed(step, warmup, iters, sync):
 
 
 # --- vggcaffe ----------------------------------------------------------------------
-def _solver_param(model, batch, precision):
+def solver_param(net_param, precision):
+    """The benchmarks' SGD settings (momentum 0.9, weight decay 5e-4, fixed lr) for `net_param`."""
     from vggcaffe.proto import caffe_pb2
-    from vggcaffe.timing import synthetic_net
     p = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4,
-                                  max_iter=1000, random_seed=1701, precision=precision)
-    p.net_param.CopyFrom(synthetic_net(str(ROOT / "models" / f"{model}_train_val.prototxt"), batch))
+                                  max_iter=100000, random_seed=1701, precision=precision)
+    p.net_param.CopyFrom(net_param)
     return p
 
 
@@ -86,7 +86,7 @@ def _vggcaffe_run(model, precision, batch, warmup, iters, train):
     pool = cupy.get_default_memory_pool()
     high = _HighWater(pool)
     cupy.cuda.set_allocator(high.malloc)          # through net construction and the warm-up steps
-    param = _solver_param(model, batch, precision)
+    param = solver_param(synthetic_net(str(ROOT / "models" / f"{model}_train_val.prototxt"), batch), precision)
     if train:
         solver = SGDSolver(param)
         net = solver.net
