@@ -12,3 +12,5 @@ from . import softmax  # noqa: F401,E402
 from . import euclidean_loss  # noqa: F401,E402
 from . import accuracy  # noqa: F401,E402
 from . import data  # noqa: F401,E402
+from . import class_select  # noqa: F401,E402
+from . import python  # noqa: F401,E402
