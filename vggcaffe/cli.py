@@ -75,6 +75,12 @@ def cmd_test(args):
         log(f"{key} = {mean:.6g}{suffix}")
 
 
+def cmd_transfer(args):
+    from .transfer import run_transfer
+    _set_mode(args)
+    run_transfer(args)
+
+
 def cmd_compute_pca(args):
     import numpy as np
     from .data.image_io import load_image, read_listing
@@ -202,6 +208,24 @@ def build_parser():
     p.add_argument("--conv", type=int, default=4, help="how many of A's first conv layers (default 4)")
     p.add_argument("--fc", type=int, default=3, help="how many of A's last fc layers (default 3)")
     p.set_defaults(func=cmd_init_from_a)
+
+    p = sub.add_parser("transfer", help="appendix B: a trained net's descriptors of another dataset, "
+                                        "a linear SVM, mean class recall")
+    p.add_argument("--weights", "-weights", required=True, help="weights (.npz or .caffemodel)")
+    p.add_argument("--model", "-model", help="train_val or deploy net (default: inferred from the weights)")
+    p.add_argument("--source", required=True, help=".npz with x_train, y_train, x_test, y_test "
+                   "(e.g. ../shared/data/transfer/caltech101_32.npz)")
+    p.add_argument("--scales", help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
+    p.add_argument("--aggregate", choices=["stack", "average"], default="stack",
+                   help="combine the scales' descriptors by stacking (default) or averaging")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
+    p.add_argument("--layer", help="descriptor blob (default: the bottom of the last InnerProduct, fc7)")
+    p.add_argument("--fuse", default="", help="more models whose descriptors are stacked: MODEL:WEIGHTS,...")
+    p.add_argument("--svm-c", type=float, default=None, help="the SVM's C (default: cross-validated)")
+    p.add_argument("--features", help="also write the descriptors to this .npz")
+    p.add_argument("--batch", type=int, default=50, help="images per forward pass (default 50)")
+    _common(p)
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("compute_pca", help="RGB eigenvalues/eigenvectors of a training set for the colour shift")
     p.add_argument("source", help=".npz (uint8 NHWC under x_<split>) or a Caffe image listing")

@@ -96,7 +96,7 @@ class Model:
     """A deploy net (or the one a train_val trains) with its weights, as an FC net for
     crops and as a fully-convolutional net for dense evaluation."""
 
-    def __init__(self, model, weights, dtype=np.float32, name=None):
+    def __init__(self, model, weights, dtype=np.float32, name=None, keep=()):
         param = read_net(model) if isinstance(model, (str, Path)) else model
         self.name = name or Path(str(weights)).stem
         self.data_source = None if is_deploy(param) else _data_source(param)
@@ -105,8 +105,8 @@ class Model:
         conv_param, conv_weights = fully_convolutional(deploy, net_weights(self.fc_net))
         self.conv_net = Net(conv_param, phase="TEST", dtype=dtype)
         load_into(self.conv_net, conv_weights)
-        for net in (self.fc_net, self.conv_net):    # only their outputs are read
-            share_data(net)
+        for net in (self.fc_net, self.conv_net):    # only their outputs (and `keep`) are read
+            share_data(net, keep=keep)
         data = next(lp for lp in deploy.layer if lp.type == "Input")
         self.input, self.crop = self.fc_net.inputs[0], self.fc_net.blobs[self.fc_net.inputs[0]].shape[2]
         self.output = self.fc_net.outputs[0]
@@ -295,7 +295,7 @@ def run_test(args):
     from .log import log
     if not args.weights:
         raise VggcaffeError("--dense / --multi-crop need --weights")
-    specs = [(args.model, args.weights)] + [_fuse_spec(s) for s in args.fuse.split(",") if s]
+    specs = [(args.model, args.weights)] + [fuse_spec(s) for s in args.fuse.split(",") if s]
     models = []
     for i, (model, weights) in enumerate(specs):
         model = model or infer_model(weights)
@@ -315,7 +315,7 @@ def run_test(args):
     print(format_table(error_rows(results, images.labels)))
 
 
-def _fuse_spec(text):
+def fuse_spec(text):
     model, sep, weights = text.rpartition(":")
     if not sep or not weights:
         raise VggcaffeError(f"--fuse takes MODEL:WEIGHTS (MODEL may be empty), got {text!r}")
