@@ -81,6 +81,19 @@ def cmd_transfer(args):
     run_transfer(args)
 
 
+def cmd_localize(args):
+    from .localize import run_localize
+    _set_mode(args)
+    run_localize(args)
+
+
+def cmd_localize_net(args):
+    from .localize import write_localisation_net
+    net_path, solver_path = write_localisation_net(args)
+    print(f"wrote {net_path} and {solver_path}; train with: vggcaffe train --solver {solver_path} "
+          f"--weights <the classifier's weights>")
+
+
 def cmd_compute_pca(args):
     import numpy as np
     from .data.image_io import load_image, read_listing
@@ -226,6 +239,35 @@ def build_parser():
     p.add_argument("--batch", type=int, default=50, help="images per forward pass (default 50)")
     _common(p)
     p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("localize_net", help="appendix A: a box regression net (train_val and solver) made "
+                                            "from a classification train_val")
+    p.add_argument("--model", required=True, help="the classifier's train_val prototxt")
+    p.add_argument("--source", required=True, help="box folder: boxes.tsv, <split>.txt (../shared/data/boxes)")
+    p.add_argument("--scr", action="store_true", help="single-class regression (4 outputs; default: per-class)")
+    p.add_argument("--finetune", choices=["all", "fc"], default="all",
+                   help="fine-tune all layers (default) or only the fully-connected ones")
+    p.add_argument("--scales", help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
+    p.add_argument("--batch", type=int, default=32, help="training batch size (default 32)")
+    p.add_argument("--max-iter", type=int, default=1000, help="solver max_iter (default 1000)")
+    p.add_argument("--base-lr", type=float, default=0.001, help="solver base_lr (default 0.001, the paper's)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="val")
+    p.add_argument("-o", "--output", required=True, help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
+    p.set_defaults(func=cmd_localize_net)
+
+    p = sub.add_parser("localize", help="appendix A: localisation error of a box regressor (central crop; "
+                                        "dense with greedy merging; top-5)")
+    p.add_argument("--weights", "-weights", required=True, help="the regressor's weights")
+    p.add_argument("--model", "-model", help="the regressor's train_val or deploy net (default: inferred)")
+    p.add_argument("--classifier", required=True, help="the classification net's weights (class scores)")
+    p.add_argument("--classifier-model", help="its train_val or deploy net (default: inferred)")
+    p.add_argument("--source", help="box folder (default: the regressor's TEST data layer's)")
+    p.add_argument("--split", default=None, help="split of the box folder (default: the TEST layer's, else val)")
+    p.add_argument("--scales", help="dense test scales Q (default: the training scale S)")
+    p.add_argument("--merge-iou", type=float, default=0.5, help="greedy merging joins boxes overlapping this much")
+    _common(p)
+    p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("compute_pca", help="RGB eigenvalues/eigenvectors of a training set for the colour shift")
     p.add_argument("source", help=".npz (uint8 NHWC under x_<split>) or a Caffe image listing")

@@ -37,27 +37,30 @@ def _copy(message):
     return out
 
 
+def is_data_layer(layer):
+    """A data layer: one of Caffe's, or a Python layer without bottoms."""
+    return layer.type in DATA_TYPES or (layer.type == "Python" and not layer.bottom)
+
+
 def test_data_layer(net_param):
     """The data layer of the TEST phase (its transform_param is the test transform)."""
     test = filter_net(upgrade_net(_copy(net_param)), caffe_pb2.NetState(phase=caffe_pb2.TEST))
-    for layer in test.layer:
-        if layer.type in DATA_TYPES:
-            return layer
-    return None
+    return next((layer for layer in test.layer if is_data_layer(layer)), None)
 
 
 def train_data_layer(net_param):
     train = filter_net(upgrade_net(_copy(net_param)), caffe_pb2.NetState(phase=caffe_pb2.TRAIN))
-    return next((layer for layer in train.layer if layer.type in DATA_TYPES), None)
+    return next((layer for layer in train.layer if is_data_layer(layer)), None)
 
 
 def is_deploy(net_param):
     return any(layer.type == "Input" for layer in upgrade_net(_copy(net_param)).layer)
 
 
-def deploy_from_train_val(net_param, batch=1):
+def deploy_from_train_val(net_param, batch=1, prob=True):
     """The TEST net of `net_param` with an Input (batch, C, crop, crop) in place of its data layer,
-    without the layers that read the label, ending in a Softmax "prob"."""
+    without the layers that read the label, ending in a Softmax "prob" (unless prob is False:
+    a box regressor's outputs are not class scores)."""
     test = filter_net(upgrade_net(_copy(net_param)), caffe_pb2.NetState(phase=caffe_pb2.TEST))
     data = test_data_layer(net_param)
     if data is None:
@@ -85,8 +88,8 @@ def deploy_from_train_val(net_param, batch=1):
                 scores = layer.bottom[0]
             continue
         out.layer.add().CopyFrom(layer)
-    scores = scores or out.layer[-1].top[0]
-    out.layer.add(name="prob", type="Softmax", bottom=[scores], top=["prob"])
+    if prob:
+        out.layer.add(name="prob", type="Softmax", bottom=[scores or out.layer[-1].top[0]], top=["prob"])
     return out
 
 

@@ -1,0 +1,499 @@
+"""Object localisation as in the paper's appendix A: box regression, dense application, greedy merging.
+
+Training. A classification net becomes a box regressor (`localisation_net`):
+its last InnerProduct is replaced by `fc8_loc`, randomly initialised, which
+predicts a box as (centre x, centre y, width, height) relative to the input
+crop (divided by the crop size): 4 outputs shared by all classes (single-class
+regression, SCR) or 4 per class (per-class regression, PCR, whose ClassSelect
+layer keeps the ground-truth class's 4 for the loss). The loss is Euclidean.
+The rest of the net starts from the classification weights (`--weights`, by
+layer name) and is fine-tuned whole, or only its fully-connected layers. The
+images come from the `BoxData` Python layer below: an ImageNet box folder
+(boxes.tsv, <split>.txt: see ../shared/data/boxes/README.md), each image
+rescaled so its smaller side is S, a random crop-size window (the centre one
+at TEST) and a random mirror; the target is the ground-truth box of the
+image's class with the largest area inside the window, clipped to it.
+
+Testing (`evaluate_localisation`, `vggcaffe localize`), a box is correct when
+its IoU with one of the image's ground-truth boxes is at least 0.5:
+  central crop  the box of the ground-truth class predicted from the centre
+                crop of the image at scale S (the paper's comparison of
+                settings, its Table 8);
+  dense         the regression net made fully convolutional (as in dense
+                testing) runs over the whole image at each scale Q; every
+                location of its output map predicts a box per class for the
+                window it sees (the crop-size window at the map's stride: 32
+                pixels in VGG). A class's boxes of all locations and scales are
+                merged greedily (after Sermanet et al.'s OverFeat): while two
+                boxes overlap by IoU >= merge_iou, the most overlapping pair is
+                replaced by their average weighted by their class scores, which
+                add up; the class's box is then the one with the highest score.
+                The class score of a box is the classification net's posterior
+                at that location (the same location of its own dense map when
+                the maps have one shape, else its posterior for the whole image
+                at that scale). Reported for the ground-truth class, and as the
+                ILSVRC localisation error: the classifier's top-5 classes each
+                with its box, wrong unless one is the right class with a right box.
+  whole image   the baseline of answering every image with its full frame.
+"""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+from .data.image_io import load_image
+from .data.transforms import Transformer
+from .errors import VggcaffeError
+from .evaluate import Model, _test_transform, infer_model
+from .proto import caffe_pb2
+from .prototxt import read_net, upgrade_net
+from .surgery import deploy_from_train_val, test_data_layer, train_data_layer
+
+BOX_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
+
+
+# ------------------------------------------------------------------ boxes
+
+def iou(a, b):
+    """(n, m) intersection over union of boxes a (n, 4) and b (m, 4), as (xmin, ymin, xmax, ymax)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])      # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def encode(boxes, size):
+    """Boxes (..., 4) as corners in a window's pixels -> (cx, cy, w, h) / size."""
+    b = np.asarray(boxes, np.float64)
+    return np.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
+                     b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], axis=-1) / size
+
+
+def decode(t, size):
+    """The inverse of `encode`: (cx, cy, w, h) / size -> corners in the window's pixels."""
+    t = np.asarray(t, np.float64) * size
+    half_w, half_h = t[..., 2] / 2, t[..., 3] / 2
+    return np.stack([t[..., 0] - half_w, t[..., 1] - half_h, t[..., 0] + half_w, t[..., 1] + half_h], axis=-1)
+
+
+def merge_boxes(boxes, scores, merge_iou=0.5):
+    """OverFeat-style greedy merging: (boxes (k, 4), scores (k,)) after merging, best first."""
+    boxes, scores = [np.asarray(b, np.float64) for b in boxes], list(np.asarray(scores, np.float64))
+    while len(boxes) > 1:
+        overlap = iou(np.stack(boxes), np.stack(boxes))
+        np.fill_diagonal(overlap, -1)
+        i, j = np.unravel_index(np.argmax(overlap), overlap.shape)
+        if overlap[i, j] < merge_iou:
+            break
+        total = scores[i] + scores[j]
+        merged = (boxes[i] * scores[i] + boxes[j] * scores[j]) / total if total > 0 else (boxes[i] + boxes[j]) / 2
+        for k in sorted((i, j), reverse=True):
+            del boxes[k], scores[k]
+        boxes.append(merged)
+        scores.append(total)
+    order = np.argsort(scores)[::-1]
+    return np.stack(boxes)[order], np.asarray(scores)[order]
+
+
+class BoxSet:
+    """Images of one split of an ImageNet box folder, with their class and ground-truth boxes."""
+
+    def __init__(self, root, split):
+        root = Path(root)
+        listing, table = root / f"{split}.txt", root / "boxes.tsv"
+        for path in (listing, table):
+            if not path.exists():
+                raise VggcaffeError(f"{path}: no such file (a box folder holds boxes.tsv and <split>.txt)")
+        boxes = {}
+        with open(table, newline="") as f:
+            for line, row in enumerate(csv.DictReader(f, delimiter="\t"), start=2):
+                try:
+                    boxes.setdefault(row["file"], []).append([float(row[k]) for k in BOX_COLUMNS])
+                except (KeyError, TypeError, ValueError):
+                    raise VggcaffeError(f"{table}:{line}: expected columns file, {', '.join(BOX_COLUMNS)}") from None
+        self.files, self.labels, self.boxes, self.images = [], [], [], []
+        for line, text in enumerate(listing.read_text().splitlines(), start=1):
+            if not text.strip():
+                continue
+            name, _, label = text.rpartition(" ")
+            if not name or not label.lstrip("-").isdigit():
+                raise VggcaffeError(f"{listing}:{line}: expected '<file> <class index>'")
+            if name not in boxes:
+                raise VggcaffeError(f"{listing}:{line}: {name} has no box in {table}")
+            self.files.append(name)
+            self.labels.append(int(label))
+            self.boxes.append(np.asarray(boxes[name], np.float64))
+            self.images.append(load_image(root / name, True, str(listing), line))
+        self.labels = np.asarray(self.labels, np.int64)
+        self.root, self.split = root, split
+
+    def __len__(self):
+        return len(self.files)
+
+
+# ------------------------------------------------------------------ the data layer
+
+class BoxData:
+    """Python data layer (`type: "Python"`, module vggcaffe.localize, layer BoxData): tops
+    data (N, C, crop, crop), box (N, 4) and, with a third top, label (N,) as floats,
+    in the order data, label, box. param_str is JSON: {"source": box folder, "split":
+    "train", "batch_size": 32, "shuffle": true}. transform_param gives crop_size (needed),
+    scale_min / scale_max (S, jittered at TRAIN; default: the crop size), mirror, and the
+    mean / scale; other transform fields are refused."""
+
+    def setup(self, bottom, top):
+        try:
+            p = json.loads(self.param_str or "{}")
+        except json.JSONDecodeError as e:
+            raise VggcaffeError(f"layer '{self.name}' (BoxData): param_str is not JSON ({e})") from None
+        if not isinstance(p, dict) or "source" not in p:
+            raise VggcaffeError(f"layer '{self.name}' (BoxData): param_str needs \"source\" (a box folder)")
+        if len(top) not in (2, 3) or bottom:
+            raise VggcaffeError(f"layer '{self.name}' (BoxData): no bottoms and tops data, [label,] box")
+        t = self.layer_param.transform_param
+        refused = [f for f in ("crop_pad", "color_shift_std", "mean_file", "force_gray") if t.HasField(f)]
+        if not t.crop_size:
+            raise VggcaffeError(f"layer '{self.name}' (BoxData): transform_param needs crop_size")
+        if refused:
+            raise VggcaffeError(f"layer '{self.name}' (BoxData): transform_param cannot take {', '.join(refused)}")
+        self.train = self.phase == "TRAIN"
+        self.crop, self.mirror = t.crop_size, t.mirror and self.train
+        lo, hi = t.scale_min or self.crop, t.scale_max or t.scale_min or self.crop
+        self.scales = (lo, hi) if self.train else ((lo + hi) // 2,) * 2
+        self.transform = t
+        self.set = BoxSet(p["source"], p.get("split", "train"))
+        self.batch, self.shuffle = int(p.get("batch_size", 32)), bool(p.get("shuffle", self.train))
+        self._transformers, self._order, self._position = {}, np.arange(0), 0
+        self.reshape(bottom, top)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(self.batch, 3, self.crop, self.crop)
+        top[-1].reshape(self.batch, 4)
+        if len(top) == 3:
+            top[1].reshape(self.batch)
+
+    def _next_indices(self):
+        out = []
+        while len(out) < self.batch:
+            if self._position == len(self._order):
+                n = len(self.set)
+                self._order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+                self._position = 0
+            take = min(self.batch - len(out), len(self._order) - self._position)
+            out.extend(self._order[self._position:self._position + take])
+            self._position += take
+        return out
+
+    def rescaled(self, i, s):
+        """Image i at scale s (C, H', W') and its boxes in those pixels."""
+        if s not in self._transformers:
+            self._transformers[s] = Transformer(_test_transform(self.transform, s), "TEST", self.name)
+        x = self._transformers[s](self.set.images[i][None], self.rng)[0]
+        h, w = self.set.images[i].shape[:2]
+        fy, fx = x.shape[1] / h, x.shape[2] / w
+        return x, self.set.boxes[i] * [fx, fy, fx, fy]
+
+    def sample(self, i):
+        """(crop (C, crop, crop), target (4,)) for image i."""
+        s = int(self.rng.integers(self.scales[0], self.scales[1] + 1))
+        x, boxes = self.rescaled(i, s)
+        h, w = x.shape[1:]
+        if h < self.crop or w < self.crop:
+            raise VggcaffeError(f"layer '{self.name}' (BoxData): image {self.set.files[i]} at scale {s} is "
+                                f"{w}x{h}, smaller than crop_size {self.crop}")
+        if self.train:
+            r, c = int(self.rng.integers(0, h - self.crop + 1)), int(self.rng.integers(0, w - self.crop + 1))
+        else:
+            r, c = (h - self.crop) // 2, (w - self.crop) // 2
+        inside = np.clip(boxes - [c, r, c, r], 0, self.crop)
+        box = inside[np.argmax((inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1]))]
+        x = x[:, r:r + self.crop, c:c + self.crop]
+        if self.mirror and self.rng.random() < 0.5:
+            x, box = x[:, :, ::-1], np.array([self.crop - box[2], box[1], self.crop - box[0], box[3]])
+        return x, encode(box, self.crop)
+
+    def forward(self, bottom, top):
+        index = self._next_indices()
+        crops, targets = zip(*(self.sample(i) for i in index))
+        xp = backend.array_module(top[0].data)
+        top[0].data[...] = xp.asarray(np.stack(crops))
+        top[-1].data[...] = xp.asarray(np.stack(targets))
+        if len(top) == 3:
+            top[1].data[...] = xp.asarray(self.set.labels[index])
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+
+
+class BoxAccuracy:
+    """Python layer: bottoms predicted and target boxes (N, 4) as `encode` gives them ->
+    the fraction whose IoU is at least param_str's {"threshold": 0.5}."""
+
+    def setup(self, bottom, top):
+        self.threshold = float(json.loads(self.param_str or "{}").get("threshold", 0.5))
+        if len(bottom) != 2 or len(top) != 1:
+            raise VggcaffeError(f"layer '{self.name}' (BoxAccuracy): takes bottoms predicted, target; one top")
+
+    def reshape(self, bottom, top):
+        top[0].reshape(())
+
+    def forward(self, bottom, top):
+        pred, target = (decode(backend.to_numpy(b.data).reshape(-1, 4), 1.0) for b in bottom)
+        right = np.diagonal(iou(pred, target)) >= self.threshold
+        top[0].data[...] = float(right.mean())
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+
+
+# ------------------------------------------------------------------ nets
+
+def _python_layer(layer, name, module_class, tops, param_str, bottoms=()):
+    layer.name, layer.type = name, "Python"
+    layer.top.extend(tops)
+    layer.bottom.extend(bottoms)
+    layer.python_param.module, layer.python_param.layer = "vggcaffe.localize", module_class
+    layer.python_param.param_str = json.dumps(param_str)
+    return layer
+
+
+def localisation_net(classifier, source, per_class=True, finetune="all", batch_size=32, test_batch_size=None,
+                     train_split="train", test_split="val", scales=None):
+    """The train_val NetParameter of the box regressor made from a classification
+    train_val: BoxData layers in place of its data layers (their transform, S from the
+    TRAIN layer's scale range or the crop size), `fc8_loc` in place of its last
+    InnerProduct, a ClassSelect for PCR, a EuclideanLoss, and at TEST a BoxAccuracy.
+    finetune: "all" layers, or "fc" (convolutions frozen, lr_mult 0). scales: the training
+    scale range (S_min, S_max) when not the classifier's."""
+    if finetune not in ("all", "fc"):
+        raise VggcaffeError(f"finetune is 'all' or 'fc', got {finetune!r}")
+    param = upgrade_net(read_net(classifier) if isinstance(classifier, (str, Path)) else classifier)
+    train, test = train_data_layer(param), test_data_layer(param)
+    if train is None or test is None:
+        raise VggcaffeError(f"net '{param.name}' needs a TRAIN and a TEST data layer")
+    ips = [lp for lp in param.layer if lp.type == "InnerProduct"]
+    if not ips:
+        raise VggcaffeError(f"net '{param.name}' has no InnerProduct layer to turn into a box regressor")
+    last, classes = ips[-1], ips[-1].inner_product_param.num_output
+    if len(last.top) != 1:
+        raise VggcaffeError(f"layer '{last.name}' must have one top")
+    labels = set(train.top[1:]) | set(test.top[1:])
+    net = caffe_pb2.NetParameter(name=f"{param.name}_loc_{'pcr' if per_class else 'scr'}_{finetune}")
+    tops = ["data", "label", "box"] if per_class else ["data", "box"]
+    for layer, phase, split, batch in ((train, caffe_pb2.TRAIN, train_split, batch_size),
+                                       (test, caffe_pb2.TEST, test_split, test_batch_size or batch_size)):
+        data = _python_layer(net.layer.add(), "data", "BoxData", tops,
+                             {"source": str(source), "split": split, "batch_size": batch})
+        data.include.add(phase=phase)
+        t = data.transform_param
+        t.CopyFrom(layer.transform_param)
+        for field in ("crop_pad", "color_shift_std", "pca_eigval", "pca_eigvec", "scale_min", "scale_max"):
+            t.ClearField(field)
+        lo, hi = scales or (train.transform_param.scale_min, train.transform_param.scale_max)
+        if lo:
+            t.scale_min, t.scale_max = lo, hi or lo
+    data_layers = {train.name, test.name}
+    for lp in param.layer:
+        if lp.name in data_layers or labels & set(lp.bottom) or last.top[0] in lp.bottom:
+            continue
+        if lp.name == last.name:
+            fc = net.layer.add(name="fc8_loc", type="InnerProduct", bottom=list(lp.bottom), top=["fc8_loc"])
+            fc.param.add(lr_mult=1, decay_mult=1)
+            fc.param.add(lr_mult=2, decay_mult=0)
+            fc.inner_product_param.num_output = 4 * classes if per_class else 4
+            fc.inner_product_param.weight_filler.type, fc.inner_product_param.weight_filler.std = "gaussian", 0.001
+            fc.inner_product_param.bias_filler.type = "constant"
+            continue
+        layer = net.layer.add()
+        layer.CopyFrom(lp)
+        if finetune == "fc" and lp.type == "Convolution":
+            del layer.param[:]
+            for _ in range(2 if lp.convolution_param.bias_term else 1):
+                layer.param.add(lr_mult=0, decay_mult=0)
+    prediction = "fc8_loc"
+    if per_class:
+        select = net.layer.add(name="box_pred", type="ClassSelect", bottom=["fc8_loc", "label"], top=["box_pred"])
+        select.class_select_param.group_size = 4
+        prediction = "box_pred"
+    net.layer.add(name="loss", type="EuclideanLoss", bottom=[prediction, "box"], top=["loss"])
+    accuracy = _python_layer(net.layer.add(), "box_accuracy", "BoxAccuracy", ["box_accuracy"], {"threshold": 0.5},
+                             bottoms=[prediction, "box"])
+    accuracy.include.add(phase=caffe_pb2.TEST)
+    return net
+
+
+def localisation_solver(net_path, prefix, max_iter=1000, base_lr=0.001, test_iter=2, test_interval=100):
+    """The SolverParameter for a regressor: SGD with momentum 0.9, weight decay 5e-4 and the
+    paper's learning rate of 1e-3 for localisation, divided by 10 at 70% of max_iter."""
+    return caffe_pb2.SolverParameter(
+        net=str(net_path), base_lr=base_lr, lr_policy="multistep", gamma=0.1, stepvalue=[int(0.7 * max_iter)],
+        momentum=0.9, weight_decay=0.0005, max_iter=max_iter, test_iter=[test_iter], test_interval=test_interval,
+        display=max(1, test_interval // 2), average_loss=max(1, test_interval // 2), snapshot=0,
+        snapshot_prefix=str(prefix), solver_mode=caffe_pb2.SolverParameter.CPU, random_seed=1701)
+
+
+def write_localisation_net(args):
+    """`vggcaffe localize_net`: write OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt."""
+    from google.protobuf import text_format
+    boxes = BoxSet(args.source, args.test_split)
+    test_iter = -(-len(boxes) // (4 * args.batch))            # every test image once (a few twice at most)
+    test_batch = -(-len(boxes) // test_iter)
+    net = localisation_net(args.model, args.source, per_class=not args.scr, finetune=args.finetune,
+                           batch_size=args.batch, test_batch_size=test_batch, train_split=args.train_split,
+                           test_split=args.test_split, scales=args.scales and _scale_range(args.scales))
+    out = Path(args.output)
+    net_path, solver_path = Path(f"{out}_train_val.prototxt"), Path(f"{out}_solver.prototxt")
+    solver = localisation_solver(net_path, Path("snapshots") / out.name, args.max_iter, args.base_lr,
+                                 test_iter=test_iter)
+    head = (f"# Written by `vggcaffe localize_net` from {args.model}: a box regressor "
+            f"({'SCR' if args.scr else 'PCR'}, fine-tuning {args.finetune} layers), the paper's appendix A.\n")
+    for path, message in ((net_path, net), (solver_path, solver)):
+        path.write_text(head + text_format.MessageToString(message))
+    return net_path, solver_path
+
+
+def _scale_range(text):
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) not in (1, 2) or parts[0] > parts[-1]:
+        raise VggcaffeError(f"--scales takes S or S_min,S_max, got {text!r}")
+    return parts[0], parts[-1]
+
+
+def total_stride(deploy):
+    """The product of the strides of the convolutions and pools before the first InnerProduct."""
+    stride = 1
+    for lp in deploy.layer:
+        if lp.type == "InnerProduct":
+            break
+        if lp.type == "Convolution":
+            c = lp.convolution_param
+            stride *= c.stride_h or (c.stride[0] if c.stride else 1)
+        elif lp.type == "Pooling":
+            stride *= lp.pooling_param.stride_h or lp.pooling_param.stride
+    return stride
+
+
+# ------------------------------------------------------------------ testing
+
+class Localiser:
+    """A trained box regressor (its train_val, or a deploy net ending in the box outputs) with
+    its weights, as a crop net and a fully-convolutional net; `classes` outputs of 4 each
+    (1 for SCR)."""
+
+    def __init__(self, model, weights):
+        param = upgrade_net(read_net(model) if isinstance(model, (str, Path)) else model)
+        deploy = deploy_from_train_val(param, prob=False) if test_data_layer(param) is not None else param
+        self.model = Model(deploy, weights, name=Path(str(weights)).stem)
+        self.stride = total_stride(deploy)
+        outputs = self.model.fc_net.blobs[self.model.output].count // self.model.fc_net.blobs[self.model.input].num
+        if outputs % 4:
+            raise VggcaffeError(f"{model}: output '{self.model.output}' has {outputs} values, not boxes of 4")
+        self.groups = outputs // 4
+        train = train_data_layer(param) if test_data_layer(param) is not None else None
+        t = train.transform_param if train is not None else self.model.transform
+        self.train_scale = (t.scale_min + (t.scale_max or t.scale_min)) // 2 or self.model.crop
+
+    def boxes_of(self, out, classes):
+        """(N, ..., 4) encoded boxes for `classes` (N,) from outputs (N, 4 * groups, ...)."""
+        out = out.reshape(out.shape[0], self.groups, 4, *out.shape[2:])
+        pick = np.zeros_like(classes) if self.groups == 1 else classes
+        return np.moveaxis(out[np.arange(len(classes)), pick], 1, -1)
+
+    def central(self, image, label):
+        """The box (corners, image pixels) of class `label` from the centre crop at the training scale."""
+        x = self.model.prepare(image[None], self.train_scale)
+        h, w = x.shape[2:]
+        crop = self.model.crop
+        r, c = (h - crop) // 2, (w - crop) // 2
+        window = np.ascontiguousarray(x[:, :, r:r + crop, c:c + crop])
+        out = backend.to_numpy(self.model.fc_net.forward(**{self.model.input: window})[self.model.output])
+        box = decode(self.boxes_of(out.astype(np.float64), np.array([label]))[0], crop) + [c, r, c, r]
+        return _to_image(box, image.shape, (h, w))
+
+    def dense(self, image, q):
+        """(boxes (groups, h, w, 4) in image pixels, map shape) at scale q: every location's window."""
+        x = self.model.prepare(image[None], q)
+        out = backend.to_numpy(self.model.conv_net.forward(**{self.model.input: x})[self.model.output])
+        out = out[0].astype(np.float64).reshape(self.groups, 4, *out.shape[2:])
+        h, w = out.shape[2:]
+        t = np.moveaxis(out, 1, -1)                                           # (groups, h, w, 4)
+        rows, cols = np.meshgrid(np.arange(h) * self.stride, np.arange(w) * self.stride, indexing="ij")
+        boxes = decode(t, self.model.crop) + np.stack([cols, rows, cols, rows], axis=-1)
+        return _to_image(boxes, image.shape, x.shape[2:]), (h, w)
+
+
+def _to_image(boxes, image_shape, scaled_shape):
+    """Boxes in the pixels of the rescaled image -> the original image's, clipped to it."""
+    (h, w), (sh, sw) = image_shape[:2], scaled_shape
+    out = boxes * [w / sw, h / sh, w / sw, h / sh]
+    return np.clip(out, 0, [w, h, w, h])
+
+
+def _correct(box, truth, threshold=0.5):
+    return bool(iou(box, truth).max() >= threshold)
+
+
+def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0.5, top_k=5):
+    """{method: error} over a BoxSet (see the module docstring); the classifier is an
+    evaluate.Model (its dense posteriors give the top-k classes and the boxes' scores)."""
+    scales = scales or [localiser.train_scale]
+    counts = dict.fromkeys(("whole image", "central crop, ground-truth class", "dense, ground-truth class",
+                            f"dense, top-{top_k} classes", f"classification top-{top_k}"), 0)
+    for image, label, truth in zip(boxes.images, boxes.labels, boxes.boxes):
+        h, w = image.shape[:2]
+        counts["whole image"] += not _correct([0, 0, w, h], truth)
+        counts["central crop, ground-truth class"] += not _correct(localiser.central(image, label), truth)
+        found, scores, image_probs = [], [], 0.0
+        for q in scales:
+            box_map, shape = localiser.dense(image, q)
+            prob = backend.to_numpy(classifier.conv_net.forward(
+                **{classifier.input: classifier.prepare(image[None], q)})[classifier.output])[0].astype(np.float64)
+            mean = prob.reshape(prob.shape[0], -1).mean(axis=1)
+            image_probs = image_probs + mean / len(scales)
+            per_location = prob if prob.shape[1:] == shape else np.broadcast_to(mean[:, None, None], (len(mean), *shape))
+            found.append(box_map)
+            scores.append(per_location)
+        ranked = np.argsort(-image_probs, kind="stable")[:top_k]
+        classes = {int(c) for c in ranked} | {int(label)}
+        merged = {c: _class_box(found, scores, c, localiser.groups, merge_iou) for c in classes}
+        counts["dense, ground-truth class"] += not _correct(merged[int(label)], truth)
+        counts[f"dense, top-{top_k} classes"] += not any(c == label and _correct(merged[int(c)], truth) for c in ranked)
+        counts[f"classification top-{top_k}"] += label not in ranked
+    return {method: n / len(boxes) for method, n in counts.items()}
+
+
+def _class_box(found, scores, c, groups, merge_iou):
+    """Class c's merged box from every scale's box map (groups, h, w, 4) and score map (C, h, w)."""
+    g = 0 if groups == 1 else c
+    boxes = np.concatenate([m[g].reshape(-1, 4) for m in found])
+    weights = np.concatenate([s[c].reshape(-1) for s in scores])
+    return merge_boxes(boxes, weights, merge_iou)[0][0]
+
+
+def run_localize(args):
+    """`vggcaffe localize`: the localisation errors of a trained regressor on a box folder split."""
+    from .log import log
+    localiser = Localiser(args.model or infer_model(args.weights), args.weights)
+    classifier = Model(args.classifier_model or infer_model(args.classifier), args.classifier)
+    source, split = args.source, args.split
+    if source is None:
+        param = test_data_layer(upgrade_net(read_net(args.model or infer_model(args.weights))))
+        given = json.loads(param.python_param.param_str) if param is not None and param.type == "Python" else {}
+        if "source" not in given:
+            raise VggcaffeError("give --source: the regressor's net names no box folder")
+        source, split = given["source"], split or given.get("split", "val")
+    boxes = BoxSet(source, split or "val")
+    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    log(f"{localiser.model.name}: {'PCR' if localiser.groups > 1 else 'SCR'}, crop {localiser.model.crop}, "
+        f"S = {localiser.train_scale}, dense Q = {', '.join(map(str, scales or [localiser.train_scale]))}; "
+        f"classifier {classifier.name}; {len(boxes)} images of {source} ({boxes.split})")
+    errors = evaluate_localisation(localiser, classifier, boxes, scales, args.merge_iou)
+    width = max(map(len, errors))
+    print(f"{'method':<{width}}    error")
+    for method, error in errors.items():
+        print(f"{method:<{width}}  {100 * error:6.2f}%")
