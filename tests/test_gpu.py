@@ -475,6 +475,33 @@ def test_losses_and_accuracy():
     compare_layer("name: 'e' type: 'EuclideanLoss'", [scores, randn(8, 10, seed=4)])
     compare_layer("name: 'a' type: 'Accuracy' accuracy_param { top_k: 3 }", [scores, labels],
                   backward_bottoms=[False, False])
+    compare_layer("name: 's' type: 'ClassSelect' class_select_param { group_size: 2 }",
+                  [scores, np.array([4, 0, 1, 3, 2, 4, 0, 1], np.float32)], backward_bottoms=[True, False])
+
+
+def test_box_regression_trains_as_on_numpy():
+    """A per-class box regressor (BoxData Python layer, ClassSelect, EuclideanLoss) made by
+    localisation_net from the tiny 32 px net A, without dropout (its masks are drawn
+    differently on the device): five GPU solver steps give the NumPy losses."""
+    from vggcaffe.localize import localisation_net
+    from vggcaffe.solver import SGDSolver
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "boxes"
+    net = localisation_net(Path(__file__).resolve().parents[1] / "models" / "small" / "A_train_val.prototxt",
+                           root, batch_size=4, test_batch_size=4)
+    kept = [lp for lp in net.layer if lp.type != "Dropout"]
+    del net.layer[:]
+    net.layer.extend(kept)
+    losses = {}
+    for gpu in (False, True):
+        (backend.set_mode_gpu if gpu else backend.set_mode_cpu)()
+        param = caffe_pb2.SolverParameter(net_param=net, base_lr=0.01, lr_policy="fixed", momentum=0.9,
+                                          max_iter=5, display=0, random_seed=3, test_iter=[1], test_interval=100)
+        solver = SGDSolver(param)
+        losses[gpu] = []
+        for _ in range(5):
+            solver.step(1)
+            losses[gpu].append(solver.losses[-1])
+    assert rel_err(np.array(losses[True]), np.array(losses[False])) <= 1e-4
 
 
 TINY_LOSS_NET = """
