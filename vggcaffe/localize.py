@@ -12,7 +12,9 @@ images come from the `BoxData` Python layer below: an ImageNet box folder
 (boxes.tsv, <split>.txt: see ../shared/data/boxes/README.md), each image
 rescaled so its smaller side is S, a random crop-size window (the centre one
 at TEST) and a random mirror; the target is the ground-truth box of the
-image's class with the largest area inside the window, clipped to it.
+image's class with the largest area inside the window, whole: where it
+reaches beyond the window, so does the target (values outside [0, 1]), so
+that every window of a dense application predicts the whole object.
 
 Testing (`evaluate_localisation`, `vggcaffe localize`), a box is correct when
 its IoU with one of the image's ground-truth boxes is at least 0.5:
@@ -210,8 +212,9 @@ class BoxData:
             r, c = int(self.rng.integers(0, h - self.crop + 1)), int(self.rng.integers(0, w - self.crop + 1))
         else:
             r, c = (h - self.crop) // 2, (w - self.crop) // 2
-        inside = np.clip(boxes - [c, r, c, r], 0, self.crop)
-        box = inside[np.argmax((inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1]))]
+        boxes = boxes - [c, r, c, r]
+        inside = np.clip(boxes, 0, self.crop)
+        box = boxes[np.argmax((inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1]))]
         x = x[:, r:r + self.crop, c:c + self.crop]
         if self.mirror and self.rng.random() < 0.5:
             x, box = x[:, :, ::-1], np.array([self.crop - box[2], box[1], self.crop - box[0], box[3]])
