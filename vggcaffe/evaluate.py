@@ -117,7 +117,7 @@ class Model:
     def prepare(self, images, q):
         """Images (N, H, W, C) uint8 of one size -> (N, C, H', W'), smaller side q (None: as they are)."""
         if q not in self._transformers:
-            self._transformers[q] = Transformer(_test_transform(self.transform, q), "TEST", self.name,
+            self._transformers[q] = Transformer(whole_image_transform(self.transform, q), "TEST", self.name,
                                                 self.fc_net.dtype)
         return self._transformers[q](images, np.random.default_rng(0))
 
@@ -146,7 +146,7 @@ class Model:
         return total / (2 * counts.sum())
 
 
-def _test_transform(transform, q):
+def whole_image_transform(transform, q):
     """`transform` for whole images at scale q: no crop, pad, mirror or colour shift;
     a mean_file becomes its per-channel mean (the mean image has the crop's size)."""
     from .data.image_io import load_mean

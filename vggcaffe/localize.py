@@ -48,7 +48,7 @@ from . import backend
 from .data.image_io import load_image
 from .data.transforms import Transformer
 from .errors import VggcaffeError
-from .evaluate import Model, _test_transform, infer_model
+from .evaluate import Model, whole_image_transform, infer_model
 from .proto import caffe_pb2
 from .prototxt import read_net, upgrade_net
 from .surgery import deploy_from_train_val, test_data_layer, train_data_layer
@@ -146,7 +146,8 @@ class BoxData:
     in the order data, label, box. param_str is JSON: {"source": box folder, "split":
     "train", "batch_size": 32, "shuffle": true}. transform_param gives crop_size (needed),
     scale_min / scale_max (S, jittered at TRAIN; default: the crop size), mirror, and the
-    mean / scale; other transform fields are refused."""
+    mean / scale; other transform fields are refused. Under MPI every rank draws its own
+    order (the layer does not shard the data), as a Caffe Python data layer would."""
 
     def setup(self, bottom, top):
         try:
@@ -194,7 +195,7 @@ class BoxData:
     def rescaled(self, i, s):
         """Image i at scale s (C, H', W') and its boxes in those pixels."""
         if s not in self._transformers:
-            self._transformers[s] = Transformer(_test_transform(self.transform, s), "TEST", self.name)
+            self._transformers[s] = Transformer(whole_image_transform(self.transform, s), "TEST", self.name)
         x = self._transformers[s](self.set.images[i][None], self.rng)[0]
         h, w = self.set.images[i].shape[:2]
         fy, fx = x.shape[1] / h, x.shape[2] / w
