@@ -206,11 +206,13 @@ def test_localiser_places_each_locations_box_in_its_window(tmp_path, boxes, clas
     # centre crop at S = 8: the image is 8 x 10, the window starts at column 1
     box = decode(bias[8:12], 8) + [1, 0, 1, 0]
     np.testing.assert_allclose(loc.central(image, 2), box * [2.4, 2.5, 2.4, 2.5])
-    maps, shape = loc.dense(image, 12)                            # 12 x 14: a 3 x 4 map at stride 2
-    assert shape == (3, 4) and maps.shape == (5, 3, 4, 4)
+    maps, inside = loc.dense(image, 12)                           # 12 x 14: a 3 x 4 map at stride 2
+    assert maps.shape == (5, 3, 4, 4) and np.all(inside == 1)
     for i, j in [(0, 0), (2, 3), (1, 2)]:
         expected = (decode(bias[4:8], 8) + [2 * j, 2 * i, 2 * j, 2 * i]) * [24 / 14, 20 / 12, 24 / 14, 20 / 12]
         np.testing.assert_allclose(maps[1, i, j], np.clip(expected, 0, [24, 20, 24, 20]))
+    _, inside = loc.dense(image, 13)        # 13 x 16: ceil-mode pooling adds a 4th row whose window, at row 6, hangs out
+    np.testing.assert_allclose(inside, [[1] * 5] * 3 + [[7 / 8] * 5])
 
 
 def test_localisation_errors_of_a_regressor_that_answers_the_whole_window(tmp_path, boxes, classifier):

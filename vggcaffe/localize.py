@@ -25,7 +25,8 @@ its IoU with one of the image's ground-truth boxes is at least 0.5:
                 testing) runs over the whole image at each scale Q; every
                 location of its output map predicts a box per class for the
                 window it sees (the crop-size window at the map's stride: 32
-                pixels in VGG). A class's boxes of all locations and scales are
+                pixels in VGG; windows less than 75% inside the image, which
+                ceil-mode pooling adds at the far edges, are left out). A class's boxes of all locations and scales are
                 merged greedily (after Sermanet et al.'s OverFeat): while two
                 boxes overlap by IoU >= merge_iou, the most overlapping pair is
                 replaced by their average weighted by their class scores, which
@@ -420,7 +421,9 @@ class Localiser:
         return _to_image(box, image.shape, (h, w))
 
     def dense(self, image, q):
-        """(boxes (groups, h, w, 4) in image pixels, map shape) at scale q: every location's window."""
+        """At scale q: (boxes (groups, h, w, 4) in image pixels, inside (h, w)), the box every
+        location predicts for its window, and the fraction of that window inside the image
+        (below 1 where ceil-mode pooling adds a location whose window hangs over the edge)."""
         x = self.model.prepare(image[None], q)
         out = backend.to_numpy(self.model.conv_net.forward(**{self.model.input: x})[self.model.output])
         out = out[0].astype(np.float64).reshape(self.groups, 4, *out.shape[2:])
@@ -428,7 +431,9 @@ class Localiser:
         t = np.moveaxis(out, 1, -1)                                           # (groups, h, w, 4)
         rows, cols = np.meshgrid(np.arange(h) * self.stride, np.arange(w) * self.stride, indexing="ij")
         boxes = decode(t, self.model.crop) + np.stack([cols, rows, cols, rows], axis=-1)
-        return _to_image(boxes, image.shape, x.shape[2:]), (h, w)
+        crop, (sh, sw) = self.model.crop, x.shape[2:]
+        inside = (np.clip(sh - rows, 0, crop) / crop) * (np.clip(sw - cols, 0, crop) / crop)
+        return _to_image(boxes, image.shape, (sh, sw)), inside
 
 
 def _to_image(boxes, image_shape, scaled_shape):
@@ -442,9 +447,12 @@ def _correct(box, truth, threshold=0.5):
     return bool(iou(box, truth).max() >= threshold)
 
 
-def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0.5, top_k=5):
+def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0.5, top_k=5, min_inside=0.75):
     """{method: error} over a BoxSet (see the module docstring); the classifier is an
-    evaluate.Model (its dense posteriors give the top-k classes and the boxes' scores)."""
+    evaluate.Model (its dense posteriors give the top-k classes and the boxes' scores).
+    Locations whose window lies less than `min_inside` inside the image are left out."""
+    if not 0 <= min_inside <= 1:
+        raise VggcaffeError(f"min_inside is a fraction of a window, 0..1; got {min_inside}")
     scales = scales or [localiser.train_scale]
     counts = dict.fromkeys(("whole image", "central crop, ground-truth class", "dense, ground-truth class",
                             f"dense, top-{top_k} classes", f"classification top-{top_k}"), 0)
@@ -454,14 +462,15 @@ def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0
         counts["central crop, ground-truth class"] += not _correct(localiser.central(image, label), truth)
         found, scores, image_probs = [], [], 0.0
         for q in scales:
-            box_map, shape = localiser.dense(image, q)
+            box_map, inside = localiser.dense(image, q)
+            shape = inside.shape
             prob = backend.to_numpy(classifier.conv_net.forward(
                 **{classifier.input: classifier.prepare(image[None], q)})[classifier.output])[0].astype(np.float64)
             mean = prob.reshape(prob.shape[0], -1).mean(axis=1)
             image_probs = image_probs + mean / len(scales)
             per_location = prob if prob.shape[1:] == shape else np.broadcast_to(mean[:, None, None], (len(mean), *shape))
-            found.append(box_map)
-            scores.append(per_location)
+            found.append(box_map[:, inside >= min_inside])
+            scores.append(per_location[:, inside >= min_inside])
         ranked = np.argsort(-image_probs, kind="stable")[:top_k]
         classes = {int(c) for c in ranked} | {int(label)}
         merged = {c: _class_box(found, scores, c, localiser.groups, merge_iou) for c in classes}
@@ -472,10 +481,10 @@ def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0
 
 
 def _class_box(found, scores, c, groups, merge_iou):
-    """Class c's merged box from every scale's box map (groups, h, w, 4) and score map (C, h, w)."""
+    """Class c's merged box from every scale's boxes (groups, k, 4) and scores (C, k)."""
     g = 0 if groups == 1 else c
-    boxes = np.concatenate([m[g].reshape(-1, 4) for m in found])
-    weights = np.concatenate([s[c].reshape(-1) for s in scores])
+    boxes = np.concatenate([m[g] for m in found])
+    weights = np.concatenate([s[c] for s in scores])
     return merge_boxes(boxes, weights, merge_iou)[0][0]
 
 
@@ -496,7 +505,7 @@ def run_localize(args):
     log(f"{localiser.model.name}: {'PCR' if localiser.groups > 1 else 'SCR'}, crop {localiser.model.crop}, "
         f"S = {localiser.train_scale}, dense Q = {', '.join(map(str, scales or [localiser.train_scale]))}; "
         f"classifier {classifier.name}; {len(boxes)} images of {source} ({boxes.split})")
-    errors = evaluate_localisation(localiser, classifier, boxes, scales, args.merge_iou)
+    errors = evaluate_localisation(localiser, classifier, boxes, scales, args.merge_iou, min_inside=args.min_inside)
     width = max(map(len, errors))
     print(f"{'method':<{width}}    error")
     for method, error in errors.items():
