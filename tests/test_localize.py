@@ -37,7 +37,8 @@ def boxes(tmp_path):
             rows.append(f"{name}\t{i % 5}\t1\t0\t{w - 1}\t{h}")
         for _ in range(i % 3):
             x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
-            rows.append(f"{name}\t{i % 5}\t{x0:.2f}\t{y0:.2f}\t{rng.uniform(x0 + 2, w):.2f}\t{rng.uniform(y0 + 2, h):.2f}")
+            x1, y1 = rng.uniform(x0 + 2, w), rng.uniform(y0 + 2, h)
+            rows.append(f"{name}\t{i % 5}\t{x0:.2f}\t{y0:.2f}\t{x1:.2f}\t{y1:.2f}")
         listing.append(f"{name} {i % 5}")
     (root / "boxes.tsv").write_text("\n".join(rows) + "\n")
     for split in ("train", "val"):
@@ -211,7 +212,7 @@ def test_localiser_places_each_locations_box_in_its_window(tmp_path, boxes, clas
     for i, j in [(0, 0), (2, 3), (1, 2)]:
         expected = (decode(bias[4:8], 8) + [2 * j, 2 * i, 2 * j, 2 * i]) * [24 / 14, 20 / 12, 24 / 14, 20 / 12]
         np.testing.assert_allclose(maps[1, i, j], np.clip(expected, 0, [24, 20, 24, 20]))
-    _, inside = loc.dense(image, 13)        # 13 x 16: ceil-mode pooling adds a 4th row whose window, at row 6, hangs out
+    _, inside = loc.dense(image, 13)        # 13 x 16: ceil-mode pooling adds a 4th row, its windows at row 6
     np.testing.assert_allclose(inside, [[1] * 5] * 3 + [[7 / 8] * 5])
 
 

@@ -26,11 +26,12 @@ its IoU with one of the image's ground-truth boxes is at least 0.5:
                 location of its output map predicts a box per class for the
                 window it sees (the crop-size window at the map's stride: 32
                 pixels in VGG; windows less than 75% inside the image, which
-                ceil-mode pooling adds at the far edges, are left out). A class's boxes of all locations and scales are
-                merged greedily (after Sermanet et al.'s OverFeat): while two
-                boxes overlap by IoU >= merge_iou, the most overlapping pair is
-                replaced by their average weighted by their class scores, which
-                add up; the class's box is then the one with the highest score.
+                ceil-mode pooling adds at the far edges, are left out). A
+                class's boxes of all locations and scales are merged greedily
+                (after Sermanet et al.'s OverFeat): while two boxes overlap by
+                IoU >= merge_iou, the most overlapping pair is replaced by
+                their average weighted by their class scores, which add up;
+                the class's box is then the one with the highest score.
                 The class score of a box is the classification net's posterior
                 at that location (the same location of its own dense map when
                 the maps have one shape, else its posterior for the whole image
@@ -289,7 +290,7 @@ def localisation_net(classifier, source, per_class=True, finetune="all", batch_s
         raise VggcaffeError(f"layer '{last.name}' must have one top")
     labels = set(train.top[1:]) | set(test.top[1:])
     net = caffe_pb2.NetParameter(name=f"{param.name}_loc_{'pcr' if per_class else 'scr'}_{finetune}")
-    tops = ["data", "label", "box"] if per_class else ["data", "box"]
+    tops = [train.top[0], "label", "box"] if per_class else [train.top[0], "box"]
     for layer, phase, split, batch in ((train, caffe_pb2.TRAIN, train_split, batch_size),
                                        (test, caffe_pb2.TEST, test_split, test_batch_size or batch_size)):
         data = _python_layer(net.layer.add(), "data", "BoxData", tops,
@@ -468,9 +469,10 @@ def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0
                 **{classifier.input: classifier.prepare(image[None], q)})[classifier.output])[0].astype(np.float64)
             mean = prob.reshape(prob.shape[0], -1).mean(axis=1)
             image_probs = image_probs + mean / len(scales)
-            per_location = prob if prob.shape[1:] == shape else np.broadcast_to(mean[:, None, None], (len(mean), *shape))
+            if prob.shape[1:] != shape:
+                prob = np.broadcast_to(mean[:, None, None], (len(mean), *shape))
             found.append(box_map[:, inside >= min_inside])
-            scores.append(per_location[:, inside >= min_inside])
+            scores.append(prob[:, inside >= min_inside])
         ranked = np.argsort(-image_probs, kind="stable")[:top_k]
         classes = {int(c) for c in ranked} | {int(label)}
         merged = {c: _class_box(found, scores, c, localiser.groups, merge_iou) for c in classes}
