@@ -129,7 +129,7 @@ def run_time(model, iterations=50, batch=None, phase="TRAIN", precision=None):
             log(f"precision {precision} applies on the GPU only; the CPU computes in float32")
         cpu.prepare_net(net)
     fill_inputs(net)
-    batch_size = next((t[0].shape[0] for layer, t in zip(net.layers, net._tops) if layer.type == "Input"), 1)
+    batch_size = next((t[0].shape[0] for b, t in zip(net._bottoms, net._tops) if not b and t and t[0].shape), 1)
     log("*** Benchmark begins ***")
     log(f"Testing for {iterations} iterations.")
     forward, backward, total = time_net(net, iterations)
