@@ -8,7 +8,7 @@ snapshots/demo_iter_1950.npz) and tools/run_experiments.py (the A_cont, D and E 
     python tools/run_appendices.py --force      # redo every step (else trained regressors are kept)
 
 Appendix A: box regressors made from the demo's net A by `vggcaffe localize_net` (PCR or
-SCR; fine-tuning all layers or only the FC ones; S = 32, or S jittered in [32, 48]),
+SCR; fine-tuning all layers or only the FC ones; S = 32, or S jittered in [32, 48] or [32, 64]),
 trained on the 366 `train` images of ../shared/data/boxes and scored by `vggcaffe
 localize` on its 134 `val` images. Appendix B: `vggcaffe transfer` on Caltech-101 at
 32 px (../shared/data/transfer). Nets and solvers go to experiments/nets/, logs to
@@ -68,7 +68,7 @@ def steps():
             *[(["vggcaffe", "localize", "--model", f"{prefix}_train_val.prototxt", "--weights", weights,
                 "--classifier", CLASSIFIER, "--classifier-model", CLASSIFIER_NET, "--scales", qs], None)
               for qs in dict.fromkeys(["32", scales])]]))
-    untrained = [sys.executable, "-c", "import numpy as np, vggcaffe; vggcaffe.Net("
+    untrained = [sys.executable, "-c", "import vggcaffe; vggcaffe.Net("
                  f"'{CLASSIFIER_NET}', phase='TRAIN', seed=1701).save('{SNAPS}/A_untrained.npz')"]
     for name, models, flags in TRANSFERS:
         (net, weights), rest = models[0], models[1:]

@@ -493,14 +493,18 @@ def _class_box(found, scores, c, groups, merge_iou):
 def run_localize(args):
     """`vggcaffe localize`: the localisation errors of a trained regressor on a box folder split."""
     from .log import log
-    localiser = Localiser(args.model or infer_model(args.weights), args.weights)
+    model = args.model or infer_model(args.weights)
+    localiser = Localiser(model, args.weights)
     classifier = Model(args.classifier_model or infer_model(args.classifier), args.classifier)
     source, split = args.source, args.split
     if source is None:
-        param = test_data_layer(upgrade_net(read_net(args.model or infer_model(args.weights))))
-        given = json.loads(param.python_param.param_str) if param is not None and param.type == "Python" else {}
-        if "source" not in given:
-            raise VggcaffeError("give --source: the regressor's net names no box folder")
+        layer = test_data_layer(upgrade_net(read_net(model)))
+        try:
+            given = json.loads(layer.python_param.param_str) if layer is not None and layer.type == "Python" else {}
+        except json.JSONDecodeError:
+            given = {}
+        if not isinstance(given, dict) or "source" not in given:
+            raise VggcaffeError(f"give --source: the TEST data layer of {model} names no box folder")
         source, split = given["source"], split or given.get("split", "val")
     boxes = BoxSet(source, split or "val")
     scales = [int(q) for q in args.scales.split(",")] if args.scales else None
