@@ -259,3 +259,17 @@ def test_cli_makes_trains_and_scores_a_regressor(tmp_path, boxes, classifier, ca
     assert lines[-6].split() == ["method", "error"] and lines[-1].startswith("classification top-5")
     assert main(["localize_net", "--model", str(model), "--source", str(tmp_path / "nowhere"), "-o", "x"]) == 1
     assert "nowhere/val.txt: no such file" in capsys.readouterr().err
+
+
+def test_fused_regressors_pool_their_boxes_before_merging(tmp_path, boxes, classifier, monkeypatch):
+    path, weights = fixed_regressor(tmp_path, boxes, classifier, False, [0.5, 0.5, 1, 1])
+    model, cls_weights = classifier
+    s, loc, cls = BoxSet(boxes, "val"), Localiser(path, weights), Model(model, cls_weights)
+    import vggcaffe.localize as localize
+    sizes, merge = [], localize.merge_boxes
+    monkeypatch.setattr(localize, "merge_boxes", lambda b, w, t: sizes.append(len(b)) or merge(b, w, t))
+    one = evaluate_localisation(loc, cls, s, [8, 13])
+    one_sizes, sizes[:] = list(sizes), []
+    two = evaluate_localisation([loc, loc], cls, s, [8, 13])
+    assert one == two                                      # the same boxes twice merge to the same box
+    assert sizes == [2 * n for n in one_sizes]              # central and dense: both regressors' boxes

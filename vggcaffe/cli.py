@@ -266,6 +266,7 @@ def build_parser():
     p.add_argument("--split", default=None, help="split of the box folder (default: the TEST layer's, else val)")
     p.add_argument("--scales", help="dense test scales Q (default: the training scale S)")
     p.add_argument("--merge-iou", type=float, default=0.5, help="greedy merging joins boxes overlapping this much")
+    p.add_argument("--fuse", default="", help="more regressors whose boxes join the merge: MODEL:WEIGHTS,...")
     p.add_argument("--min-inside", type=float, default=0.75,
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
     _common(p)

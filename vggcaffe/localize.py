@@ -35,7 +35,10 @@ its IoU with one of the image's ground-truth boxes is at least 0.5:
                 The class score of a box is the classification net's posterior
                 at that location (the same location of its own dense map when
                 the maps have one shape, else its posterior for the whole image
-                at that scale). Reported for the ground-truth class, and as the
+                at that scale). Several regressors (`--fuse`) pool their boxes
+                before merging, as the paper combines nets (their centre-crop
+                boxes are merged the same way, with equal weights). Reported
+                for the ground-truth class, and as the
                 ILSVRC localisation error: the classifier's top-5 classes each
                 with its box, wrong unless one is the right class with a right box.
   whole image   the baseline of answering every image with its full frame.
@@ -50,7 +53,7 @@ from . import backend
 from .data.image_io import load_image
 from .data.transforms import Transformer
 from .errors import VggcaffeError
-from .evaluate import Model, whole_image_transform, infer_model
+from .evaluate import Model, fuse_spec, infer_model, whole_image_transform
 from .proto import caffe_pb2
 from .prototxt import read_net, upgrade_net
 from .surgery import deploy_from_train_val, test_data_layer, train_data_layer
@@ -448,45 +451,49 @@ def _correct(box, truth, threshold=0.5):
     return bool(iou(box, truth).max() >= threshold)
 
 
-def evaluate_localisation(localiser, classifier, boxes, scales=None, merge_iou=0.5, top_k=5, min_inside=0.75):
-    """{method: error} over a BoxSet (see the module docstring); the classifier is an
-    evaluate.Model (its dense posteriors give the top-k classes and the boxes' scores).
-    Locations whose window lies less than `min_inside` inside the image are left out."""
+def evaluate_localisation(localisers, classifier, boxes, scales=None, merge_iou=0.5, top_k=5, min_inside=0.75):
+    """{method: error} over a BoxSet (see the module docstring) of one Localiser or several,
+    whose boxes are pooled before merging (the paper's combination of nets); the classifier
+    is an evaluate.Model (its dense posteriors give the top-k classes and the boxes'
+    scores). Locations whose window lies less than `min_inside` inside the image are left out."""
     if not 0 <= min_inside <= 1:
         raise VggcaffeError(f"min_inside is a fraction of a window, 0..1; got {min_inside}")
-    scales = scales or [localiser.train_scale]
+    localisers = localisers if isinstance(localisers, (list, tuple)) else [localisers]
+    scales = scales or [localisers[0].train_scale]
     counts = dict.fromkeys(("whole image", "central crop, ground-truth class", "dense, ground-truth class",
                             f"dense, top-{top_k} classes", f"classification top-{top_k}"), 0)
     for image, label, truth in zip(boxes.images, boxes.labels, boxes.boxes):
         h, w = image.shape[:2]
         counts["whole image"] += not _correct([0, 0, w, h], truth)
-        counts["central crop, ground-truth class"] += not _correct(localiser.central(image, label), truth)
-        found, scores, image_probs = [], [], 0.0
+        central = np.stack([loc.central(image, label) for loc in localisers])
+        counts["central crop, ground-truth class"] += not _correct(merge_boxes(central, np.ones(len(central)),
+                                                                               merge_iou)[0][0], truth)
+        found, image_probs = [], 0.0
         for q in scales:
-            box_map, inside = localiser.dense(image, q)
-            shape = inside.shape
             prob = backend.to_numpy(classifier.conv_net.forward(
                 **{classifier.input: classifier.prepare(image[None], q)})[classifier.output])[0].astype(np.float64)
             mean = prob.reshape(prob.shape[0], -1).mean(axis=1)
             image_probs = image_probs + mean / len(scales)
-            if prob.shape[1:] != shape:
-                prob = np.broadcast_to(mean[:, None, None], (len(mean), *shape))
-            found.append(box_map[:, inside >= min_inside])
-            scores.append(prob[:, inside >= min_inside])
+            for loc in localisers:
+                box_map, inside = loc.dense(image, q)
+                keep = inside >= min_inside
+                at = prob if prob.shape[1:] == inside.shape else np.broadcast_to(mean[:, None, None],
+                                                                                  (len(mean), *inside.shape))
+                found.append((box_map[:, keep], at[:, keep]))
         ranked = np.argsort(-image_probs, kind="stable")[:top_k]
         classes = {int(c) for c in ranked} | {int(label)}
-        merged = {c: _class_box(found, scores, c, localiser.groups, merge_iou) for c in classes}
+        merged = {c: _class_box(found, c, merge_iou) for c in classes}
         counts["dense, ground-truth class"] += not _correct(merged[int(label)], truth)
         counts[f"dense, top-{top_k} classes"] += not any(c == label and _correct(merged[int(c)], truth) for c in ranked)
         counts[f"classification top-{top_k}"] += label not in ranked
     return {method: n / len(boxes) for method, n in counts.items()}
 
 
-def _class_box(found, scores, c, groups, merge_iou):
-    """Class c's merged box from every scale's boxes (groups, k, 4) and scores (C, k)."""
-    g = 0 if groups == 1 else c
-    boxes = np.concatenate([m[g] for m in found])
-    weights = np.concatenate([s[c] for s in scores])
+def _class_box(found, c, merge_iou):
+    """Class c's merged box from every (boxes (groups, k, 4), scores (C, k)) found: one group
+    for SCR, one per class for PCR."""
+    boxes = np.concatenate([b[0 if len(b) == 1 else c] for b, _ in found])
+    weights = np.concatenate([s[c] for _, s in found])
     return merge_boxes(boxes, weights, merge_iou)[0][0]
 
 
@@ -494,7 +501,10 @@ def run_localize(args):
     """`vggcaffe localize`: the localisation errors of a trained regressor on a box folder split."""
     from .log import log
     model = args.model or infer_model(args.weights)
-    localiser = Localiser(model, args.weights)
+    localisers = [Localiser(model, args.weights)]
+    for more, weights in (fuse_spec(s) for s in args.fuse.split(",") if s):
+        localisers.append(Localiser(more or infer_model(weights), weights))
+    localiser = localisers[0]
     classifier = Model(args.classifier_model or infer_model(args.classifier), args.classifier)
     source, split = args.source, args.split
     if source is None:
@@ -508,10 +518,11 @@ def run_localize(args):
         source, split = given["source"], split or given.get("split", "val")
     boxes = BoxSet(source, split or "val")
     scales = [int(q) for q in args.scales.split(",")] if args.scales else None
-    log(f"{localiser.model.name}: {'PCR' if localiser.groups > 1 else 'SCR'}, crop {localiser.model.crop}, "
-        f"S = {localiser.train_scale}, dense Q = {', '.join(map(str, scales or [localiser.train_scale]))}; "
-        f"classifier {classifier.name}; {len(boxes)} images of {source} ({boxes.split})")
-    errors = evaluate_localisation(localiser, classifier, boxes, scales, args.merge_iou, min_inside=args.min_inside)
+    for loc in localisers:
+        log(f"{loc.model.name}: {'PCR' if loc.groups > 1 else 'SCR'}, crop {loc.model.crop}, S = {loc.train_scale}")
+    log(f"dense Q = {', '.join(map(str, scales or [localiser.train_scale]))}; classifier {classifier.name}; "
+        f"{len(boxes)} images of {source} ({boxes.split})")
+    errors = evaluate_localisation(localisers, classifier, boxes, scales, args.merge_iou, min_inside=args.min_inside)
     width = max(map(len, errors))
     print(f"{'method':<{width}}    error")
     for method, error in errors.items():
