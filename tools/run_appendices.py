@@ -36,6 +36,7 @@ REGRESSORS = [
     ("loc_A_scr_all_S32-48", ["--scr", "--scales", "32,48"], "32,40,48"),
     ("loc_A_pcr_all_S32-64", ["--scales", "32,64"], "32,48,64"),
 ]
+FUSED = "loc_A_pcr+scr_S32-48"
 SNAPS = "snapshots/experiments"
 # (name, [(net, weights)], transfer flags)
 TRANSFERS = [
@@ -68,6 +69,12 @@ def steps():
             *[(["vggcaffe", "localize", "--model", f"{prefix}_train_val.prototxt", "--weights", weights,
                 "--classifier", CLASSIFIER, "--classifier-model", CLASSIFIER_NET, "--scales", qs], None)
               for qs in dict.fromkeys(["32", scales])]]))
+    pcr, scr = "loc_A_pcr_all_S32-48", "loc_A_scr_all_S32-48"          # the paper's union of nets
+    out.append((FUSED, [(["vggcaffe", "localize", "--model", f"{NETS / pcr}_train_val.prototxt",
+                          "--weights", f"snapshots/{pcr}_iter_{LOC_ITERS}.npz", "--fuse",
+                          f"{NETS / scr}_train_val.prototxt:snapshots/{scr}_iter_{LOC_ITERS}.npz",
+                          "--classifier", CLASSIFIER, "--classifier-model", CLASSIFIER_NET, "--scales", qs], None)
+                        for qs in ("32", "32,40,48")]))
     untrained = [sys.executable, "-c", "import vggcaffe; vggcaffe.Net("
                  f"'{CLASSIFIER_NET}', phase='TRAIN', seed=1701).save('{SNAPS}/A_untrained.npz')"]
     for name, models, flags in TRANSFERS:
@@ -113,7 +120,7 @@ def main():
     if args.dry_run:
         return
     lines += ["| regressor | dense Q | method | error % |", "|---|---|---|---|"]
-    for name, _, _ in REGRESSORS:
+    for name in [r[0] for r in REGRESSORS] + [FUSED]:
         for q, (method, error) in tables(LOGS / f"appendix_{name}.txt"):
             lines.append(f"| {name} | {q} | {method.strip()} | {error.rstrip('%')} |")
     lines += ["", "| transfer | models | descriptor dims | C | mean class recall % | accuracy % |",
