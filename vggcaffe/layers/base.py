@@ -109,6 +109,16 @@ class Layer:
         pass
 
     # --- helpers ------------------------------------------------------
+    def check_input(self, bad, message):
+        """Raise VggcaffeError(message) if any of the boolean array `bad` holds: at once on
+        NumPy; on the GPU when the Net next reads the loss (`deferred_check`), so the host
+        does not wait for the device here."""
+        if array_module(bad) is np:
+            if bad.any():
+                raise VggcaffeError(message)
+        else:
+            self.deferred_check = (bad.any(), message)
+
     def shape_error(self, blob_name, expected, got):
         return VggcaffeError(
             f"layer '{self.name}' ({self.type}): blob '{blob_name}' has shape {tuple(got)}, expected {tuple(expected)}")

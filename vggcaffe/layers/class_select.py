@@ -43,13 +43,8 @@ class ClassSelectLayer(Layer):
         the nearest class."""
         xp = array_module(bottom[1].data)
         labels = bottom[1].data.reshape(-1).astype(np.int64)
-        outside = (labels < 0) | (labels >= self.classes)
-        message = f"layer '{self.name}' (ClassSelect): a label is outside [0, {self.classes})"
-        if xp is np:
-            if outside.any():
-                raise VggcaffeError(message)
-        else:
-            self.deferred_check = (outside.any(), message)
+        self.check_input((labels < 0) | (labels >= self.classes),
+                         f"layer '{self.name}' (ClassSelect): a label is outside [0, {self.classes})")
         return xp, xp.clip(labels, 0, self.classes - 1)
 
     def forward(self, bottom, top):

@@ -145,9 +145,5 @@ def read_labels(layer, xp, labels, num_classes):
     outside = ((label < 0) | (label >= num_classes)) & valid
     message = (f"layer '{layer.name}' ({layer.type}): a label is outside [0, {num_classes}) "
                f"and is not the ignore_label")
-    if xp is np:
-        if outside.any():
-            raise VggcaffeError(message)
-    else:                                   # meanwhile such labels index class 0 (the pass's results are dropped)
-        layer.deferred_check = (outside.any(), message)
+    layer.check_input(outside, message)     # on the GPU such labels index class 0 meanwhile (the pass is dropped)
     return xp.where(valid & ~outside, label, 0), valid
