@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .data.image_io import load_image
+from .data.image_io import load_image, read_listing
 from .data.transforms import Transformer
 from .errors import VggcaffeError
 from .evaluate import Model, fuse_spec, infer_model, whole_image_transform
@@ -69,9 +69,13 @@ def iou(a, b):
     w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
     h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
     inter = w * h
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])      # noqa: E731
     union = area(a)[:, None] + area(b)[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def area(boxes):
+    """(...,) areas of boxes (..., 4) as corners."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def encode(boxes, size):
@@ -123,20 +127,12 @@ class BoxSet:
                     boxes.setdefault(row["file"], []).append([float(row[k]) for k in BOX_COLUMNS])
                 except (KeyError, TypeError, ValueError):
                     raise VggcaffeError(f"{table}:{line}: expected columns file, {', '.join(BOX_COLUMNS)}") from None
-        self.files, self.labels, self.boxes, self.images = [], [], [], []
-        for line, text in enumerate(listing.read_text().splitlines(), start=1):
-            if not text.strip():
-                continue
-            name, _, label = text.rpartition(" ")
-            if not name or not label.lstrip("-").isdigit():
-                raise VggcaffeError(f"{listing}:{line}: expected '<file> <class index>'")
+        self.files, self.labels, numbers = read_listing(listing)
+        for name, line in zip(self.files, numbers):
             if name not in boxes:
                 raise VggcaffeError(f"{listing}:{line}: {name} has no box in {table}")
-            self.files.append(name)
-            self.labels.append(int(label))
-            self.boxes.append(np.asarray(boxes[name], np.float64))
-            self.images.append(load_image(root / name, True, str(listing), line))
-        self.labels = np.asarray(self.labels, np.int64)
+        self.boxes = [np.asarray(boxes[name], np.float64) for name in self.files]
+        self.images = [load_image(root / name, True, str(listing), line) for name, line in zip(self.files, numbers)]
         self.root, self.split = root, split
 
     def __len__(self):
@@ -219,8 +215,7 @@ class BoxData:
         else:
             r, c = (h - self.crop) // 2, (w - self.crop) // 2
         boxes = boxes - [c, r, c, r]
-        inside = np.clip(boxes, 0, self.crop)
-        box = boxes[np.argmax((inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1]))]
+        box = boxes[np.argmax(area(np.clip(boxes, 0, self.crop)))]
         x = x[:, r:r + self.crop, c:c + self.crop]
         if self.mirror and self.rng.random() < 0.5:
             x, box = x[:, :, ::-1], np.array([self.crop - box[2], box[1], self.crop - box[0], box[3]])
@@ -391,19 +386,20 @@ def total_stride(deploy):
 
 class Localiser:
     """A trained box regressor (its train_val, or a deploy net ending in the box outputs) with
-    its weights, as a crop net and a fully-convolutional net; `classes` outputs of 4 each
-    (1 for SCR)."""
+    its weights, as a crop net and a fully-convolutional net; `groups` boxes of 4 outputs
+    (one per class for PCR, 1 for SCR)."""
 
     def __init__(self, model, weights):
         param = upgrade_net(read_net(model) if isinstance(model, (str, Path)) else model)
-        deploy = deploy_from_train_val(param, prob=False) if test_data_layer(param) is not None else param
+        train_val = test_data_layer(param) is not None
+        deploy = deploy_from_train_val(param, prob=False) if train_val else param
         self.model = Model(deploy, weights, name=Path(str(weights)).stem)
         self.stride = total_stride(deploy)
         outputs = self.model.fc_net.blobs[self.model.output].count // self.model.fc_net.blobs[self.model.input].num
         if outputs % 4:
             raise VggcaffeError(f"{model}: output '{self.model.output}' has {outputs} values, not boxes of 4")
         self.groups = outputs // 4
-        train = train_data_layer(param) if test_data_layer(param) is not None else None
+        train = train_data_layer(param) if train_val else None
         t = train.transform_param if train is not None else self.model.transform
         self.train_scale = (t.scale_min + (t.scale_max or t.scale_min)) // 2 or self.model.crop
 
