@@ -51,7 +51,7 @@ class FeatureModel(Model):
         tops = list(dict.fromkeys(top for lp in deploy.layer for top in lp.top))
         if self.layer not in tops:
             raise VggcaffeError(f"{model}: the net has no blob '{self.layer}'; its blobs are {', '.join(tops)}")
-        super().__init__(param, weights, dtype=dtype, name=name or Path(str(weights)).stem, keep=[self.layer])
+        super().__init__(deploy, weights, dtype=dtype, name=name or Path(str(weights)).stem, keep=[self.layer])
 
     def pooled(self, x):
         """(N, D): the feature map of images x (N, C, H, W), averaged over its locations."""
