@@ -45,6 +45,7 @@ its IoU with one of the image's ground-truth boxes is at least 0.5:
 """
 import csv
 import json
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,8 @@ def merge_boxes(boxes, scores, merge_iou=0.5):
 
 
 class BoxSet:
-    """Images of one split of an ImageNet box folder, with their class and ground-truth boxes."""
+    """Images of one split of an ImageNet box folder, with their class and ground-truth boxes
+    (the images are decoded when first used: counting a split reads only its listing)."""
 
     def __init__(self, root, split):
         root = Path(root)
@@ -132,8 +134,13 @@ class BoxSet:
             if name not in boxes:
                 raise VggcaffeError(f"{listing}:{line}: {name} has no box in {table}")
         self.boxes = [np.asarray(boxes[name], np.float64) for name in self.files]
-        self.images = [load_image(root / name, True, str(listing), line) for name, line in zip(self.files, numbers)]
-        self.root, self.split = root, split
+        self.root, self.split, self._where = root, split, (str(listing), numbers)
+
+    @cached_property
+    def images(self):
+        """The decoded images (H, W, 3) uint8, read at first use."""
+        listing, numbers = self._where
+        return [load_image(self.root / name, True, listing, line) for name, line in zip(self.files, numbers)]
 
     def __len__(self):
         return len(self.files)
@@ -171,6 +178,7 @@ class BoxData:
         self.scales = (lo, hi) if self.train else ((lo + hi) // 2,) * 2
         self.transform = t
         self.set = BoxSet(p["source"], p.get("split", "train"))
+        self.images = self.set.images               # decoded at setup: a bad file stops the net's build
         self.batch, self.shuffle = int(p.get("batch_size", 32)), bool(p.get("shuffle", self.train))
         self._transformers, self._order, self._position = {}, np.arange(0), 0
         self.reshape(bottom, top)
@@ -197,8 +205,8 @@ class BoxData:
         """Image i at scale s (C, H', W') and its boxes in those pixels."""
         if s not in self._transformers:
             self._transformers[s] = Transformer(whole_image_transform(self.transform, s), "TEST", self.name)
-        x = self._transformers[s](self.set.images[i][None], self.rng)[0]
-        h, w = self.set.images[i].shape[:2]
+        x = self._transformers[s](self.images[i][None], self.rng)[0]
+        h, w = self.images[i].shape[:2]
         fy, fx = x.shape[1] / h, x.shape[2] / w
         return x, self.set.boxes[i] * [fx, fy, fx, fy]
 
