@@ -72,7 +72,7 @@ class _SourceKernel:
 
 
 @contextlib.contextmanager
-def gpu_modules(names=("kernels", "pooling", "conv"), **attributes):
+def gpu_modules(names=("kernels", "pooling", "conv", "small_c"), **attributes):
     """vggcaffe.gpu's modules `names`, imported against a stand-in CuPy (with `attributes`
     added to or replacing its own)."""
     stub = types.ModuleType("cupy")

@@ -129,7 +129,7 @@ def test_small_c_convolution(gpu, shape, k, kernel, stride, pad, x_dtype, y_dtyp
     want = np.maximum(want, 0) if relu else want
     y = channels_last(want.shape, y_dtype)
     y[...] = 7
-    fn = compile_kernel(gpu.conv._small_c_kernel(x_dtype.str, y_dtype.str, False).code, "conv_small_c",
+    fn = compile_kernel(gpu.small_c.forward_kernel(x_dtype.str, y_dtype.str, False).code, "conv_small_c",
                         gpu.build_dir)
     _, _, oh, ow = want.shape
     launch(fn, [x_io, w_io, b, y, np.int64(n * oh * ow * (k // 8)), c, cp, h, w, k, oh, ow, *kernel, *stride, *pad,
@@ -209,8 +209,8 @@ def test_small_c_weight_gradient(gpu, monkeypatch, shape, k, kernel, stride, pad
     stages) gives dW = sum over pixels of dZ x the input patch, from the NHWC compute-type
     copies cuDNN's wgrad gets; chunks smaller than the pixel count, so the stages add up."""
     backend.set_mode_cpu()
-    monkeypatch.setattr(gpu.conv, "WGRAD_CHUNK", 7)
-    monkeypatch.setattr(gpu.conv, "WGRAD_SLICES", 3)
+    monkeypatch.setattr(gpu.small_c, "WGRAD_CHUNK", 7)
+    monkeypatch.setattr(gpu.small_c, "WGRAD_SLICES", 3)
     monkeypatch.setattr(gpu.conv.cc, "scratch", lambda slot, shape, dtype: np.zeros(shape, dtype))
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     text = (f"num_output: {k} kernel_h: {kh} kernel_w: {kw} stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} "

@@ -1,4 +1,4 @@
-"""Data-parallel training over MPI (vggcaffe/parallel.py).
+"""Data-parallel training over MPI (vggcaffe/parallel.py, vggcaffe/allreduce.py).
 
 2 ranks with per-rank batch b give the weights of 1 process with batch 2b; a
 rank that raises ends every rank; ranks with different solvers stop at start;
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vggcaffe import backend, parallel
+from vggcaffe import allreduce, backend, parallel
 from vggcaffe.errors import VggcaffeError
 from vggcaffe.proto import caffe_pb2
 from vggcaffe.prototxt import parse_text
@@ -253,7 +253,7 @@ def test_global_batch_divides_only_the_train_data_layers():
 def test_packed_buffers_round_trip_per_dtype():
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((2, 3)), rng.standard_normal(4).astype(np.float32), rng.standard_normal((5,))]
-    packed = parallel.PackedBuffers()
+    packed = allreduce.PackedBuffers()
     flats = packed.pack(arrays)
     assert sorted((f.dtype.name, f.size) for f in flats) == [("float32", 4), ("float64", 11)]
     for flat in flats:
@@ -308,7 +308,7 @@ def test_layerwise_reduce_starts_each_layer_after_its_backward_and_averages():
         current = []
         net.after_backward.append(current.append)
         reducer = DoublingReducer(current)
-        reduce = parallel.LayerwiseReduce(net, reducer, size=2)
+        reduce = allreduce.LayerwiseReduce(net, reducer, size=2)
         net.clear_param_diffs()
         net.forward_backward()
         assert reducer.started == [] and not reduce.pending

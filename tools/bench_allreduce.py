@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from vggcaffe import backend
-from vggcaffe.parallel import Communicator, LayerwiseReduce
+from vggcaffe.allreduce import LayerwiseReduce
+from vggcaffe.parallel import Communicator
 
 VGG16_PARAMS = 138_357_544
 

@@ -25,7 +25,6 @@ Strict fp32 may run NCHW instead (`precision.conv_layout`): C-contiguous blobs
 and weights then go to cuDNN as they are (others as C-contiguous copies), and
 prepare_net makes no top channels-last.
 """
-import functools
 import os
 
 import cupy
@@ -33,7 +32,7 @@ import numpy as np
 
 from ..errors import VggcaffeError
 from . import cudnn_conv as cc
-from . import kernels
+from . import kernels, small_c
 from .precision import conv_layout, get_precision
 
 F32 = np.dtype(np.float32)
@@ -45,139 +44,7 @@ _choices = {}
 # The direct small-C kernels: "auto" (the faster of them and cuDNN, timed at the first
 # run of each shape), "always" or "never" where they apply (VGGCAFFE_SMALL_C sets it).
 DIRECT = os.environ.get("VGGCAFFE_SMALL_C", "auto")
-SMALL_C = 4                 # at most this many input channels
 direct_timings = {}         # (pass, layer, shapes, dtype, precision) -> {"small_c": ms, "cudnn": ms}
-_SMALL_C_SOURCE = kernels._CONVERT + kernels._VEC8 + r"""
-typedef IDX_T idx_t;
-// y = relu?(conv(x, w) + b) for few input channels: one thread per output pixel and 8
-// output channels, the weights (as float) and biases in shared memory, float
-// accumulation. x (N, H, W, Cp) and w (K, kh, kw, Cp): the compute-type copies cuDNN gets
-// (channels C..Cp-1 are zero padding, skipped); y channels-last (N, OH, OW, K), K % 8 == 0.
-extern "C" __global__ void conv_small_c(
-        const T_X* x, const T_X* wt, const float* bias, T_Y* y, long long total,
-        int C, int Cp, int H, int W, int K, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw,
-        int has_bias, int relu) {
-    extern __shared__ float ws[];                 // K * kh * kw * C weights, then K biases
-    const int taps = kh * kw * C, nw = K * taps;
-    for (int i = threadIdx.x; i < nw; i += blockDim.x)
-        ws[i] = load_f(wt, (long long)(i / C) * Cp + i % C);
-    for (int i = threadIdx.x; i < K; i += blockDim.x)
-        ws[nw + i] = has_bias ? bias[i] : 0.0f;
-    __syncthreads();
-    const int K8 = K / 8;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
-         t += (long long)gridDim.x * blockDim.x) {
-        idx_t r = (idx_t)t;
-        int g = r % K8; r /= K8;
-        int ow = r % OW; r /= OW;
-        int oh = r % OH;
-        int n = (int)(r / OH);
-        float acc[8];
-        #pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = ws[nw + g * 8 + k];
-        for (int a = 0; a < kh; ++a) {
-            int ih = oh * sh - ph + a;
-            if (ih < 0 || ih >= H) continue;
-            for (int b = 0; b < kw; ++b) {
-                int iw = ow * sw - pw + b;
-                if (iw < 0 || iw >= W) continue;
-                long long base = (((long long)n * H + ih) * W + iw) * Cp;
-                const float* wk = ws + (long long)g * 8 * taps + (a * kw + b) * C;
-                for (int c = 0; c < C; ++c) {
-                    float v = load_f(x, base + c);
-                    #pragma unroll
-                    for (int k = 0; k < 8; ++k) acc[k] += v * wk[k * taps + c];
-                }
-            }
-        }
-        if (relu) {
-            #pragma unroll
-            for (int k = 0; k < 8; ++k) acc[k] = acc[k] < 0.0f ? 0.0f : acc[k];
-        }
-        store8(y + (((long long)n * OH + oh) * OW + ow) * K + g * 8, acc);
-    }
-}
-"""
-
-
-_SMALL_C_WGRAD_SOURCE = kernels._CONVERT + kernels._VEC8 + r"""
-typedef IDX_T idx_t;
-// Partial weight gradients for few input channels (C = SC, kw = SKW, compile-time, so the
-// accumulators stay in registers): thread (chunk, tile), tile = (g, a) the 8-output group and
-// the kernel row; over the chunk's output pixels p, acc[k][b * SC + c] += dz[p][8g + k] *
-// x[tap (a, b) of p][c]. partial[chunk] holds dW (K, kh, kw, C) of its pixels. x (N, H, W, Cp)
-// and dz (N, OH, OW, K) are the compute-type NHWC arrays cuDNN's wgrad gets.
-extern "C" __global__ void conv_small_c_wgrad(
-        const T_X* x, const T_X* dz, float* partial, long long total, long long pixels, int chunk,
-        int Cp, int H, int W, int K, int OH, int OW, int kh, int sh, int sw, int ph, int pw) {
-    const int tiles = (K / 8) * kh, taps = SKW * SC;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
-         t += (long long)gridDim.x * blockDim.x) {
-        int tile = (int)(t % tiles), g = tile / kh, a = tile % kh;
-        long long part = t / tiles, p1 = min((part + 1) * chunk, pixels);
-        float acc[8][SKW * SC], d[8];
-        #pragma unroll
-        for (int k = 0; k < 8; ++k)
-            #pragma unroll
-            for (int j = 0; j < SKW * SC; ++j) acc[k][j] = 0.0f;
-        for (long long p = part * chunk; p < p1; ++p) {
-            idx_t r = (idx_t)p;
-            int ow = r % OW; r /= OW;
-            int oh = r % OH;
-            int n = (int)(r / OH);
-            int ih = oh * sh - ph + a;
-            if (ih < 0 || ih >= H) continue;
-            load8(dz + p * K + g * 8, d);
-            #pragma unroll
-            for (int b = 0; b < SKW; ++b) {
-                int iw = ow * sw - pw + b;
-                if (iw >= 0 && iw < W) {
-                    long long base = (((long long)n * H + ih) * W + iw) * Cp;
-                    #pragma unroll
-                    for (int c = 0; c < SC; ++c) {
-                        float v = load_f(x, base + c);
-                        #pragma unroll
-                        for (int k = 0; k < 8; ++k) acc[k][b * SC + c] += d[k] * v;
-                    }
-                }
-            }
-        }
-        float* out = partial + part * (long long)K * kh * taps;
-        #pragma unroll
-        for (int k = 0; k < 8; ++k)
-            #pragma unroll
-            for (int j = 0; j < SKW * SC; ++j) out[((long long)(g * 8 + k) * kh + a) * taps + j] = acc[k][j];
-    }
-}
-
-// out[s][o] = the sum over rows s, s + slices, s + 2 slices, ... of in[row][o] (o < cols): the
-// partial sums reduced in a fixed order, so the gradient is the same run to run.
-extern "C" __global__ void sum_rows(const float* in, float* out, long long rows, int cols, int slices) {
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (long long)slices * cols;
-         t += (long long)gridDim.x * blockDim.x) {
-        int o = (int)(t % cols), s = (int)(t / cols);
-        float acc = 0.0f;
-        for (long long r = s; r < rows; r += slices) acc += in[r * cols + o];
-        out[(long long)s * cols + o] = acc;
-    }
-}
-"""
-WGRAD_CHUNK, WGRAD_SLICES = 512, 64     # output pixels per partial sum; first-stage slices of the reduction
-
-
-@functools.lru_cache(maxsize=None)
-def _small_c_wgrad_kernels(x_dtype, c, kw, wide):
-    """(partial-sum kernel, row-sum kernel) of the small-C weight gradient for C = c, kw."""
-    code = (_SMALL_C_WGRAD_SOURCE.replace("T_X", kernels._C_TYPES[np.dtype(x_dtype)]).replace("SKW", str(kw))
-            .replace("SC", str(c)).replace("IDX_T", "long long" if wide else "unsigned int"))
-    return cupy.RawKernel(code, "conv_small_c_wgrad"), cupy.RawKernel(code, "sum_rows")
-
-
-@functools.lru_cache(maxsize=None)
-def _small_c_kernel(x_dtype, y_dtype, wide):
-    code = (_SMALL_C_SOURCE.replace("T_X", kernels._C_TYPES[np.dtype(x_dtype)])
-            .replace("T_Y", kernels._C_TYPES[np.dtype(y_dtype)]).replace("IDX_T", "long long" if wide else "unsigned int"))
-    return cupy.RawKernel(code, "conv_small_c")
 
 
 def _flat(a):
@@ -330,7 +197,7 @@ class CudnnConv:
         memory."""
         layer = self.layer
         k, c, kh, kw = layer.blobs[0].shape
-        return (self.layout.nhwc and c <= SMALL_C and k % 8 == 0 and tuple(layer.dilation) == (1, 1)
+        return (self.layout.nhwc and c <= small_c.SMALL_C and k % 8 == 0 and tuple(layer.dilation) == (1, 1)
                 and kw * c <= 12 and (k * kh * kw * c + k) * 4 <= 48 << 10)
 
     def _small_c_applies(self, y):
@@ -347,17 +214,17 @@ class CudnnConv:
         _, h, w, cp = x_io.shape
         (ph, pw), (sh, sw) = layer.pad, layer.stride
         pixels = n * oh * ow
-        parts = -(-pixels // WGRAD_CHUNK)
+        parts = -(-pixels // small_c.WGRAD_CHUNK)
         cols = k * kh * kw * c
-        partial_kernel, sum_kernel = _small_c_wgrad_kernels(x_io.dtype.str, c, kw, pixels >= 2**31)
+        partial_kernel, sum_kernel = small_c.wgrad_kernels(x_io.dtype.str, c, kw, pixels >= 2**31)
         partial = cc.scratch("small_c_partial", (parts, cols), F32)
-        slices = cc.scratch("small_c_slices", (WGRAD_SLICES, cols), F32)
+        slices = cc.scratch("small_c_slices", (small_c.WGRAD_SLICES, cols), F32)
         dw = cc.scratch("dw", (k, kh, kw, c), F32)
         total, i32 = parts * (k // 8) * kh, np.int32
         partial_kernel((int(min((total + 255) // 256, 1 << 20)), 1, 1), (256, 1, 1),
-                       (x_io, dz, partial, np.int64(total), np.int64(pixels), i32(WGRAD_CHUNK), i32(cp), i32(h),
+                       (x_io, dz, partial, np.int64(total), np.int64(pixels), i32(small_c.WGRAD_CHUNK), i32(cp), i32(h),
                         i32(w), i32(k), i32(oh), i32(ow), i32(kh), i32(sh), i32(sw), i32(ph), i32(pw)))
-        for src, dst, rows, count in ((partial, slices, parts, WGRAD_SLICES), (slices, dw, WGRAD_SLICES, 1)):
+        for src, dst, rows, count in ((partial, slices, parts, small_c.WGRAD_SLICES), (slices, dw, small_c.WGRAD_SLICES, 1)):
             sum_kernel((int(min((count * cols + 255) // 256, 1 << 20)), 1, 1), (256, 1, 1),
                        (src, dst, np.int64(rows), i32(cols), i32(count)))
         return dw
@@ -370,7 +237,7 @@ class CudnnConv:
         (ph, pw), (sh, sw) = layer.pad, layer.stride
         total = n * oh * ow * (k // 8)
         bias = layer.blobs[1].data if layer.bias_term else y        # not read without a bias
-        kernel = _small_c_kernel(x_io.dtype.str, y.dtype.str, total >= 2**31 or y.size >= 2**31)
+        kernel = small_c.forward_kernel(x_io.dtype.str, y.dtype.str, total >= 2**31 or y.size >= 2**31)
         i32 = np.int32
         kernel((int(min((total + 255) // 256, 2048)), 1, 1), (256, 1, 1),
                (x_io, w_io, bias, y, np.int64(total), i32(c), i32(cp), i32(h), i32(w), i32(k), i32(oh), i32(ow),
