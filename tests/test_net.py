@@ -149,7 +149,7 @@ def test_backward_pruned_where_not_needed():
     net = build(text)
     need = dict(zip(net._layer_names, net._need_backward))
     assert need["fc1"] is False and need["fc2"] is True and need["side"] is False
-    assert net.outputs == ["loss", "c"]
+    assert net.outputs == ["c", "loss"]                     # sorted by name, as Caffe's
 
 
 def test_propagate_down_false_stops_gradient():
@@ -196,3 +196,35 @@ def test_error_names_file_and_line(tmp_path):
     path.write_text(HEAD + "\n\n" + ip("fc", "nope", "y"))
     with pytest.raises(VggcaffeError, match=rf"{path}:6: layer 'fc'"):
         Net(str(path))
+
+
+def test_forward_end_returns_that_layers_tops_past_hidden_splits():
+    # "x" feeds two layers, so a Split is inserted before "a": layer indices shift
+    net = build(HEAD + ip("a", "x", "a") + ip("b", "x", "b") + euclid("loss", "a", "t") + euclid("loss_b", "b", "t"))
+    rs = np.random.default_rng(0)
+    out = net.forward(end="a", x=rs.standard_normal((3, 4)), t=rs.standard_normal((3, 2)))
+    assert list(out) == ["a"]
+    assert list(net.forward(end="loss_b")) == ["loss_b"]
+
+
+def test_an_in_place_last_layer_leaves_its_blob_an_output():
+    # a deploy net cut after relu7 / drop7 (feature extraction): Caffe's outputs are the
+    # blobs still available after the last layer, so fc7 stays one
+    text = HEAD + ip("fc7", "x", "fc7") + 'layer { name: "relu7" type: "ReLU" bottom: "fc7" top: "fc7" }\n'
+    net = build(text, phase="TEST")
+    assert net.outputs == ["fc7", "t"]
+    out = net.forward(x=np.ones((3, 4)))
+    assert (out["fc7"] >= 0).all() and set(out) == {"fc7", "t"}
+
+
+def test_pycaffe_constructor_forms(tmp_path):
+    text = HEAD + ip("a", "x", "a")
+    build(text).save(tmp_path / "w.npz")
+    param = parse_text(text, caffe_pb2.NetParameter())
+    for args, kwargs in [(("TEST",), {"weights": tmp_path / "w.npz"}), ((str(tmp_path / "w.npz"), "TEST"), {}),
+                         ((str(tmp_path / "w.npz"), caffe_pb2.TEST), {})]:
+        net = Net(param, *args, **kwargs)
+        assert net.phase == "TEST"
+        np.testing.assert_array_equal(net.params["a"][0].data, build(text).params["a"][0].data.astype(np.float32))
+    with pytest.raises(VggcaffeError, match="phase must be TRAIN or TEST, got 7"):
+        Net(param, 7)

@@ -34,6 +34,21 @@ def state_meets_rule(state, rule):
     return all(s in stages for s in rule.stage) and not any(s in stages for s in rule.not_stage)
 
 
+def net_state(net_param, phase, extra=None, level=0, stages=()):
+    """The NetState a net of `net_param` is built with, as in Caffe: the phase, over it the
+    net's own `state`, over that `extra` (a solver's train_state or test_state); without
+    `extra`, pycaffe's Net(model, phase, level, stages): the stages added, the level set."""
+    state = caffe_pb2.NetState()
+    state.MergeFrom(net_param.state)
+    if extra is not None:
+        state.MergeFrom(extra)
+    else:
+        state.stage.extend(stages)
+        state.level = level
+    state.phase = PHASES[phase]
+    return state
+
+
 def filter_net(net_param, state):
     """The layers of `net_param` that `state` keeps (Caffe's FilterNet)."""
     kept = caffe_pb2.NetParameter()
@@ -101,11 +116,17 @@ def insert_splits(net_param, default_loss):
 
 
 class Net:
-    """A network for one phase. `model` is a prototxt path or a NetParameter."""
+    """A network for one phase. `model` is a prototxt path or a NetParameter. As in pycaffe,
+    Net(model, phase, weights=...) and the older Net(model, weights, phase) both work.
+    `state`: a NetState merged over the net's own (see net_state), as a solver's
+    train_state / test_state; otherwise `level` and `stages` as in pycaffe."""
 
     def __init__(self, model, phase="TEST", weights=None, level=0, stages=(), dtype=np.float32,
-                 seed=None, rank=0):
-        self.phase = phase.upper() if isinstance(phase, str) else caffe_pb2.Phase.Name(phase)
+                 seed=None, rank=0, state=None):
+        if _is_phase(weights) and not _is_phase(phase):
+            phase, weights = weights, phase
+        self.phase = phase.upper() if isinstance(phase, str) else (
+            caffe_pb2.Phase.Name(phase) if _is_phase(phase) else repr(phase))
         if self.phase not in PHASES:
             raise VggcaffeError(f"phase must be TRAIN or TEST, got {phase!r}")
         self.dtype = np.dtype(dtype)
@@ -116,9 +137,8 @@ class Net:
             param = upgrade_net(param)
         else:
             param = upgrade_net(_copy(model))
-        state = caffe_pb2.NetState(phase=PHASES[self.phase], level=level, stage=list(stages))
         self.name = param.name
-        self.param = filter_net(param, state)
+        self.param = filter_net(param, net_state(param, self.phase, state, level, stages))
         self._seed = np.random.SeedSequence(seed)
         self._rank = rank
         self.after_backward = []    # callables of a layer index, run after that layer's turn in backward
@@ -173,10 +193,10 @@ class Net:
                 self.inputs.extend(lp.top)
             self._set_loss_weights(lp, layer, top)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
-        consumed = {name for lp in split_param.layer for name in lp.bottom}
         split_tops = {name for lp in split_param.layer if lp.type == "Split" for name in lp.top}
         self.blobs = OrderedDict((k, b) for k, b in self._all_blobs.items() if k not in split_tops)
-        self.outputs = [name for name in self.blobs if name not in consumed]
+        self.outputs = sorted(name for name in _available_blobs(split_param) if name in self.blobs)
+        self._top_names = [list(lp.top) for lp in split_param.layer]
         self._setup_params(split_param)
         self._setup_backward(split_param)
 
@@ -366,7 +386,7 @@ class Net:
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's Net.forward: set inputs, run, return {output: data}."""
-        names = self.outputs if end is None else list(self.param.layer[self._index(end, 0)].top)
+        names = self.outputs if end is None else self._top_names[self._index(end, 0)]
         names = list(names) + [b for b in (blobs or []) if b not in names]
         if self.data_slots is not None:
             self._check_shared_forward(start, end, names)
@@ -433,6 +453,21 @@ class Net:
                     raise VggcaffeError(f"cannot share param {j} of layer '{name}': shape {mine.shape} "
                                         f"vs {src.shape}")
                 blobs[j] = src
+
+
+def _is_phase(value):
+    return (isinstance(value, str) and value.upper() in PHASES) or (
+        isinstance(value, int) and value in PHASES.values())
+
+
+def _available_blobs(net_param):
+    """The blobs left after the last layer (Caffe's net outputs): each layer uses up its
+    bottoms and makes its tops, so an in-place layer's top stays available."""
+    available = set()
+    for lp in net_param.layer:
+        available.difference_update(lp.bottom)
+        available.update(lp.top)
+    return available
 
 
 def _copy(message):
