@@ -1,4 +1,7 @@
 """Weight files: .npz and .caffemodel round trips, V1 caffemodels with legacy shapes, clear mismatch errors."""
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -114,3 +117,52 @@ def test_caffemodel_file_is_protobufs_own_bytes(tmp_path):
         for blob in blobs:
             layer.blobs.add().CopyFrom(reference_blob(blob.data))
     assert (tmp_path / "w.caffemodel").read_bytes() == param.SerializeToString()
+
+
+def test_any_name_but_npz_saves_a_caffemodel_and_files_are_read_by_content(tmp_path):
+    net = tiny(1)
+    net.save(tmp_path / "model.bin")                      # pycaffe's net.save writes binaryproto
+    param = caffe_pb2.NetParameter()
+    param.ParseFromString((tmp_path / "model.bin").read_bytes())
+    assert [lp.name for lp in param.layer] == ["conv1", "fc"]
+    net.save(tmp_path / "arrays.npz")
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays.weights")   # an npz under another name
+    for name in ("model.bin", "arrays.weights"):
+        other = tiny(2)
+        other.copy_from(tmp_path / name)
+        np.testing.assert_array_equal(other.params["fc"][0].data, net.params["fc"][0].data)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tiny().save(tmp_path / "w.npz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "w.npz").st_mode) == 0o644
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no weights"),                                           # empty file
+    (b"PK\x03\x04 truncated", "not a readable .npz"),                     # half a zip
+    (np.lib.format.MAGIC_PREFIX + b"\x01\x00 npy", "not a binary NetParameter|holds no weights"),
+])
+def test_unreadable_weight_files_are_one_line_errors(tmp_path, content, message):
+    (tmp_path / "w.npz").write_bytes(content)
+    with pytest.raises(VggcaffeError, match=message):
+        tiny().copy_from(tmp_path / "w.npz")
+
+
+def test_weights_of_another_net_are_refused_and_missing_layers_named(tmp_path, capsys):
+    np.savez(tmp_path / "other.npz", **{"conv9/0": np.zeros(3)})
+    with pytest.raises(VggcaffeError, match=r"none of its layers \(conv9\) is a layer with parameters.*conv1, fc"):
+        tiny().copy_from(tmp_path / "other.npz")
+    net = tiny(1)
+    np.savez(tmp_path / "part.npz", **{"conv1/0": net.params["conv1"][0].data, "conv1/1": net.params["conv1"][1].data})
+    tiny(2).copy_from(tmp_path / "part.npz")
+    assert "has no weights for layer(s) fc: they keep their initialisation" in capsys.readouterr().out
+
+
+def test_writing_into_a_missing_folder_is_a_one_line_error(tmp_path):
+    with pytest.raises(VggcaffeError, match="cannot write .*missing/w.npz"):
+        tiny().save(tmp_path / "missing" / "w.npz")

@@ -8,6 +8,7 @@ fits a 4096x25088 blob. npz files are read with allow_pickle=False.
 """
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,11 @@ def blob_proto_pieces(array):
     return [shape.SerializeToString()] + data if double else data + [shape.SerializeToString()]
 
 
+def _some(names, most=6):
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _shapes_match(target, source, legacy):
     if tuple(target) == tuple(source):
         return True
@@ -74,23 +80,32 @@ def _shapes_match(target, source, legacy):
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise VggcaffeError(f"cannot write {path}: {e.strerror} ({path.parent})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)            # mkstemp's 0600 -> what open() would give
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise VggcaffeError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
 def save_weights(net, path):
-    """Write the net's parameters to `.npz` or `.caffemodel` (by extension), atomically."""
+    """Write the net's parameters, atomically: a path ending in .npz gets arrays keyed
+    "<layer>/<i>", any other a binary NetParameter (.caffemodel, as pycaffe's net.save)."""
     path = Path(path)
-    if path.suffix == ".caffemodel":
+    if path.suffix != ".npz":
         pieces = [caffe_pb2.NetParameter(name=net.name).SerializeToString()]
         for name, blobs in net.params.items():                  # NetParameter.layer = 100
             layer = [caffe_pb2.LayerParameter(name=name, type=net.layer_dict[name].type).SerializeToString()]
@@ -109,7 +124,11 @@ def read_weights(path):
     path = Path(path)
     if not path.exists():
         raise VggcaffeError(f"{path}: no such weights file")
-    if path.suffix == ".npz":
+    if path.is_dir():
+        raise VggcaffeError(f"{path}: is a folder, not a weights file")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"            # .npz is a zip archive, whatever its name
+    if zipped:
         out = {}
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -118,7 +137,7 @@ def read_weights(path):
                     if not layer or not index.isdigit():
                         raise VggcaffeError(f"{path}: key '{key}' is not '<layer>/<index>'")
                     out.setdefault(layer, {})[int(index)] = (data[key], False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise VggcaffeError(f"{path}: not a readable .npz file ({e})") from None
         return {k: [v[i] for i in sorted(v)] for k, v in out.items()}
     param = caffe_pb2.NetParameter()
@@ -128,17 +147,29 @@ def read_weights(path):
         raise VggcaffeError(f"{path}: not a binary NetParameter (.caffemodel): {e}") from None
     param = upgrade_net(param)
     try:
-        return {layer.name: [blob_proto_to_array(b) for b in layer.blobs] for layer in param.layer if layer.blobs}
+        out = {layer.name: [blob_proto_to_array(b) for b in layer.blobs] for layer in param.layer if layer.blobs}
     except VggcaffeError as e:
         raise VggcaffeError(f"{path}: {e}") from None
+    if not out:
+        raise VggcaffeError(f"{path}: holds no weights (neither an .npz archive nor a .caffemodel with layer blobs)")
+    return out
 
 
 def load_weights(net, path):
-    """Copy weights into `net` by layer name (Caffe's CopyTrainedLayersFrom)."""
-    for name, arrays in read_weights(path).items():
-        blobs = net.params.get(name)
-        if blobs is None:
-            continue
+    """Copy weights into `net` by layer name (Caffe's CopyTrainedLayersFrom). A file that
+    fills none of the net's layers is an error (the wrong file); layers it leaves out keep
+    their initialisation, with a warning naming them."""
+    weights = read_weights(path)
+    matched = [name for name in weights if name in net.params]
+    if net.params and not matched:
+        raise VggcaffeError(f"{path}: none of its layers ({_some(weights)}) is a layer with parameters of "
+                            f"net '{net.name}' ({_some(net.params)}); weights are matched by layer name")
+    left = [name for name in net.params if name not in weights]
+    if left and matched:
+        from .log import log
+        log(f"Warning: {path} has no weights for layer(s) {_some(left)}: they keep their initialisation")
+    for name in matched:
+        arrays, blobs = weights[name], net.params[name]
         if len(arrays) != len(blobs):
             raise VggcaffeError(f"{path}: layer '{name}' has {len(arrays)} parameter blobs in the file "
                                 f"but {len(blobs)} in the net")
