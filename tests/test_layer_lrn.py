@@ -7,12 +7,13 @@ from vggcaffe.errors import VggcaffeError
 
 
 def ref_lrn(x, n, alpha, beta, k, across):
-    """test_lrn_layer.cpp's reference, with k instead of its fixed 1."""
+    """test_lrn_layer.cpp's reference, with k instead of its fixed 1 across channels (within
+    a channel Caffe's layer ignores k: its Power layer's shift is 1)."""
     N, C, H, W = x.shape
     y = np.zeros(x.shape)
     pre = (n - 1) // 2
     for b, c, h, w in np.ndindex(x.shape):
-        scale = k
+        scale = k if across else 1.0
         if across:
             for i in range(max(c - pre, 0), min(c - pre + n, C)):
                 scale += x[b, i, h, w] ** 2 * alpha / n

@@ -10,10 +10,11 @@ from vggcaffe.blob import is_channels_last
 from vggcaffe.errors import VggcaffeError
 
 
-def ref_size(size, k, s, p, ceil_mode=True):
+def ref_size(size, k, s, p, ceil_mode=True, padded=None):
+    """pooling_layer.cpp's Reshape; `padded`: pad_h || pad_w (default p > 0)."""
     rounding = math.ceil if ceil_mode else math.floor
     out = int(rounding(float(size + 2 * p - k) / s)) + 1
-    if p > 0 and (out - 1) * s >= size + p:
+    if (p > 0 if padded is None else padded) and (out - 1) * s >= size + p:
         out -= 1
     return out
 
@@ -21,7 +22,8 @@ def ref_size(size, k, s, p, ceil_mode=True):
 def ref_pool(x, kh, kw, sh, sw, ph, pw, pool, ceil_mode=True):
     """pooling_layer.cpp, element by element. Returns (top, mask)."""
     N, C, H, W = x.shape
-    oh, ow = ref_size(H, kh, sh, ph, ceil_mode), ref_size(W, kw, sw, pw, ceil_mode)
+    padded = ph > 0 or pw > 0
+    oh, ow = ref_size(H, kh, sh, ph, ceil_mode, padded), ref_size(W, kw, sw, pw, ceil_mode, padded)
     y = np.zeros((N, C, oh, ow))
     mask = -np.ones((N, C, oh, ow), int)
     for n in range(N):
@@ -69,8 +71,10 @@ def distinct(shape, seed=0):
 
 # (H, W, kh, kw, sh, sw, ph, pw, ceil): VGG 2x2/2; 7x7 -> 4x4 under ceil; pad + ceil
 # where the last window is dropped (5 -> 3); overlapping 3x3/2 with pad; non-square;
-# stride past the kernel; floor mode.
+# stride past the kernel; floor mode; padded rows only, where the correction still drops
+# the last column (Caffe makes it in both dimensions when either is padded).
 CASES = [
+    (6, 5, 2, 1, 2, 3, 1, 0, True),
     (6, 8, 2, 2, 2, 2, 0, 0, True),
     (7, 7, 2, 2, 2, 2, 0, 0, True),
     (5, 5, 2, 2, 2, 2, 1, 1, True),
@@ -89,6 +93,9 @@ def test_output_sizes_follow_caffe():
     assert top[0].shape == (1, 1, 3, 3)
     _, _, top = make_layer(param_text("MAX", 2, 2, 2, 2, 0, 0), [np.zeros((1, 1, 7, 7))])
     assert top[0].shape == (1, 1, 4, 4)
+    assert ref_size(5, 1, 3, 0, padded=True) == 2 and ref_size(5, 1, 3, 0) == 3
+    _, _, top = make_layer(param_text("MAX", 2, 1, 2, 3, 1, 0), [np.zeros((1, 1, 6, 5))])
+    assert top[0].shape == (1, 1, 4, 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -2,9 +2,10 @@
 
 ACROSS_CHANNELS: scale = k + alpha / n * sum of x^2 over the n channels
 centred on c (zero padded), n = local_size.
-WITHIN_CHANNEL:  scale = k + alpha / n^2 * sum of x^2 over the n x n spatial
+WITHIN_CHANNEL:  scale = 1 + alpha / n^2 * sum of x^2 over the n x n spatial
 window centred on (h, w) (zero padded; Caffe's AVE pooling with pad (n-1)/2
-always divides by n^2 here).
+always divides by n^2 here). k is not used: Caffe builds this region from a
+Power layer whose shift is fixed at 1.
 
 Backward, with the window sum S(.) being symmetric (q in window(p) iff p in
 window(q)):  dx = dy * scale^(-beta) - (2 alpha beta / m) * x * S(dy * y / scale),
@@ -42,10 +43,11 @@ class LRNLayer(Layer):
 
     def layer_setup(self, bottom, top):
         p = self.param.lrn_param
-        self.n, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
+        self.n, self.alpha, self.beta = p.local_size, p.alpha, p.beta
         if self.n % 2 != 1:
             raise VggcaffeError(f"layer '{self.name}' (LRN): local_size must be odd, got {self.n}")
         self.across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
+        self.k = p.k if self.across else 1.0                        # see the module docstring
         self.window = self.n if self.across else self.n * self.n    # m in the docstring
 
     def reshape(self, bottom, top):

@@ -21,12 +21,14 @@ from .base import Layer, register
 P = caffe_pb2.PoolingParameter
 
 
-def pooled_size(size, kernel, stride, pad, ceil_mode):
+def pooled_size(size, kernel, stride, pad, ceil_mode, padded=None):
     """Caffe's output size: ceil((size + 2 pad - kernel) / stride) + 1, less the
-    last window when it would start inside the bottom/right padding."""
+    last window when it would start inside the bottom/right padding. Caffe makes
+    that correction in both dimensions when either is padded (`padded`: pad_h or
+    pad_w; default this dimension's pad)."""
     span = size + 2 * pad - kernel
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if pad > 0 and (out - 1) * stride >= size + pad:
+    if (pad > 0 if padded is None else padded) and (out - 1) * stride >= size + pad:
         out -= 1
     return out
 
@@ -85,8 +87,9 @@ class PoolingLayer(Layer):
         if self.kh < 1 or self.kw < 1 or self.ph >= self.kh or self.pw >= self.kw:
             raise self.error(f"need kernel >= 1 and pad < kernel, got kernel {self.kh}x{self.kw} "
                              f"pad {self.ph}x{self.pw}")
-        self.oh = pooled_size(H, self.kh, self.sh, self.ph, self.ceil_mode)
-        self.ow = pooled_size(W, self.kw, self.sw, self.pw, self.ceil_mode)
+        padded = self.ph > 0 or self.pw > 0
+        self.oh = pooled_size(H, self.kh, self.sh, self.ph, self.ceil_mode, padded)
+        self.ow = pooled_size(W, self.kw, self.sw, self.pw, self.ceil_mode, padded)
         if self.oh < 1 or self.ow < 1:
             raise self.error(f"kernel {self.kh}x{self.kw} does not fit the {H}x{W} input "
                              f"(pad {self.ph}x{self.pw})")
