@@ -229,3 +229,93 @@ def test_nan_loss_stops_with_a_message():
     solver = make_solver(extra="base_lr: 1e30")
     with pytest.raises(VggcaffeError, match=r"loss is (nan|inf) at iteration \d+"):
         solver.step(10)
+
+
+STAGED = ('layer { name: "val_only" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "val_only" '
+          'include { stage: "val" } }')
+
+
+def staged_solver(solver_extra="", net_extra=""):
+    text = f"""net_param {{ {net_extra} {net_text(4)} {STAGED} }} base_lr: 0.1 lr_policy: "fixed" max_iter: 1
+    test_iter: 1 test_interval: 100 snapshot_after_train: false {solver_extra}"""
+    return SGDSolver(parse_text(text, caffe_pb2.SolverParameter()))
+
+
+def test_train_state_test_state_and_the_nets_own_state_choose_layers_as_in_caffe():
+    def has(net):
+        return "val_only" in net.layer_dict
+    s = staged_solver()
+    assert not has(s.net) and not has(s.test_nets[0])
+    s = staged_solver('test_state { stage: "val" }')
+    assert not has(s.net) and has(s.test_nets[0])
+    s = staged_solver('train_state { stage: "val" }')
+    assert has(s.net) and not has(s.test_nets[0])
+    s = staged_solver(net_extra='state { stage: "val" }')            # NetParameter.state, under both
+    assert has(s.net) and has(s.test_nets[0])
+    with pytest.raises(VggcaffeError, match="2 test_state values for 1 test nets"):
+        staged_solver('test_state { stage: "val" } test_state { }')
+
+
+def test_every_element_of_an_output_blob_gets_its_own_numbered_line(capsys):
+    side = ('layer { name: "side" type: "InnerProduct" bottom: "x" top: "side" '
+            'inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }')
+    text = f"""net_param {{ {net_text(2)} {side} }} base_lr: 0.1 lr_policy: "fixed" max_iter: 1 display: 1
+    test_iter: 2 test_interval: 100 snapshot_after_train: false"""
+    solver = SGDSolver(parse_text(text, caffe_pb2.SolverParameter()), dtype=np.float64)
+    results = solver.test(0, solver.test_nets[0])
+    # outputs in name order (Caffe's), "side" (2, 2) as 4 values: the mean over 2 test batches
+    assert [name for name, _ in results] == ["loss"] + ["side"] * 4
+    batches = [X[0:2], X[2:4]]
+    expected = np.mean([b.sum(axis=1).repeat(2) for b in batches], axis=0)      # weights all 1, bias 0
+    np.testing.assert_allclose([v for _, v in results[1:]], expected)
+    out = capsys.readouterr().out
+    assert "Test net output #4: side = " in out and "Test net output #5" not in out
+    solver.step(1)
+    assert "Train net output #4: side = " in capsys.readouterr().out
+
+
+def test_step_smooths_the_loss_over_its_own_iterations_and_apply_update_takes_the_current_rate():
+    a = make_solver(extra="average_loss: 10")
+    a.step(3)
+    assert len(a.losses) == 3
+    a.step(2)
+    assert len(a.losses) == 2                                   # Caffe's Step clears losses_
+    c, d = make_solver(extra='lr_policy: "step" stepsize: 1 gamma: 0.5'), make_solver()
+    c.iter = 3                                                  # rate 0.1 * 0.5^3
+    for s in (c, d):
+        s.forward_backward()
+    c.apply_update()                                            # pycaffe's apply_update(): no argument
+    d.apply_update(d.learning_rate() * 0.125)
+    np.testing.assert_array_equal(c.net.params["fc"][0].data, d.net.params["fc"][0].data)
+
+
+def solver_text(extra):
+    return f'net_param {{ {net_text(4)} }} base_lr: 0.1 lr_policy: "fixed" max_iter: 2 {extra}'
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('snapshot_prefix: "s" snapshot_format: HDF5', "HDF5 is not supported"),
+    ("snapshot: 5", "snapshots every 5 iterations but has no snapshot_prefix"),
+    ('snapshot_prefix: "{file}/s"', "cannot write to snapshot_prefix"),
+])
+def test_snapshot_settings_are_checked_before_training(tmp_path, extra, message):
+    (tmp_path / "file").write_text("")
+    text = solver_text(extra.replace("{file}", str(tmp_path / "file")))
+    with pytest.raises(VggcaffeError, match=message):
+        SGDSolver(parse_text(text, caffe_pb2.SolverParameter()))
+
+
+def test_a_solver_built_without_prefix_trains_and_writes_nothing(tmp_path, capsys):
+    os.chdir(tmp_path)
+    solver = SGDSolver(parse_text(solver_text(""), caffe_pb2.SolverParameter()))
+    assert "no snapshot will be written" in capsys.readouterr().out
+    assert solver.solve() and not list(tmp_path.iterdir())
+
+
+def test_solver_files_get_caffes_default_snapshot_prefix(tmp_path):
+    from vggcaffe.prototxt import read_solver
+    (tmp_path / "my_solver.prototxt").write_text(solver_text(""))
+    assert read_solver(tmp_path / "my_solver.prototxt").snapshot_prefix == str(tmp_path / "my_solver")
+    (tmp_path / "snaps").mkdir()
+    (tmp_path / "dir_solver.prototxt").write_text(solver_text(f'snapshot_prefix: "{tmp_path / "snaps"}"'))
+    assert read_solver(tmp_path / "dir_solver.prototxt").snapshot_prefix == str(tmp_path / "snaps" / "dir_solver")

@@ -31,4 +31,4 @@ def test_demo_solver_builds_on_the_shipped_data(monkeypatch):
     param = read_solver(ROOT / "models" / "demo_solver.prototxt")
     solver = SGDSolver(param)
     assert solver.net.blobs["data"].shape == (64, 3, 32, 32)
-    assert [name for name, _ in solver.test(0, solver.test_nets[0])] == ["loss", "accuracy", "accuracy_top5"]
+    assert [name for name, _ in solver.test(0, solver.test_nets[0])] == ["accuracy", "accuracy_top5", "loss"]

@@ -73,10 +73,10 @@ def abort_if_parallel(message, status=1, details=""):
         _active[0].abort(message, status)
 
 
-def split_global_batch(source, size, level=0, stages=()):
-    """The TRAIN net of `source` (path or NetParameter) with each data layer's
-    batch_size divided by `size` (the solver's `global_batch: true`)."""
-    from .net import filter_net
+def split_global_batch(source, size, state=None):
+    """The TRAIN net of `source` (path or NetParameter; `state` as Net's) with each data
+    layer's batch_size divided by `size` (the solver's `global_batch: true`)."""
+    from .net import filter_net, net_state
     from .proto import caffe_pb2
     from .prototxt import read_text, upgrade_net
     if isinstance(source, caffe_pb2.NetParameter):
@@ -84,8 +84,8 @@ def split_global_batch(source, size, level=0, stages=()):
         param.CopyFrom(source)
     else:
         param, _ = read_text(source, caffe_pb2.NetParameter())
-    state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN, level=level, stage=list(stages))
-    param = filter_net(upgrade_net(param), state)
+    param = upgrade_net(param)
+    param = filter_net(param, net_state(param, "TRAIN", state))
     for layer in param.layer:
         for field, value in layer.ListFields():
             if field.message_type is None or "batch_size" not in field.message_type.fields_by_name:
@@ -142,11 +142,11 @@ class Communicator:
         import cupy
         return (first + self.local_rank) % cupy.cuda.runtime.getDeviceCount()
 
-    def local_batch(self, solver_param, source, level=0, stages=()):
+    def local_batch(self, solver_param, source, state=None):
         """The train net source to build: unchanged, or split by split_global_batch when global_batch is set."""
         if not solver_param.global_batch:
             return source
-        return split_global_batch(source, self.size, level, stages)
+        return split_global_batch(source, self.size, state)
 
     # ------------------------------------------------------------ after the nets
     def setup(self, solver):

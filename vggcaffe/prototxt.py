@@ -69,7 +69,15 @@ def read_net(path):
 
 
 def read_solver(path):
+    """A solver file, upgraded as Caffe's ReadSolverParamsFromTextFileOrDie does: the old
+    solver_type enum, and a snapshot_prefix that is missing (the solver file's path without
+    its extension) or an existing folder (that folder / the solver file's stem)."""
     solver, _ = read_text(path, caffe_pb2.SolverParameter())
+    path = Path(path)
+    if not solver.HasField("snapshot_prefix"):
+        solver.snapshot_prefix = str(path.with_suffix(""))
+    elif Path(solver.snapshot_prefix).is_dir():
+        solver.snapshot_prefix = str(Path(solver.snapshot_prefix) / path.stem)
     return upgrade_solver(solver)
 
 

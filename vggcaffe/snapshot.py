@@ -7,6 +7,7 @@ the plateau schedule's state and, as JSON, every random generator's state and
 every data layer's position, so a resumed run repeats an uninterrupted one.
 """
 import json
+import tempfile
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -17,17 +18,41 @@ from .proto import caffe_pb2
 from .weights import _atomic_write, blob_proto_pieces, blob_proto_to_array, load_weights, message_field, save_weights
 
 
-def snapshot_paths(solver):
-    p = solver.param
-    if not p.snapshot_prefix:
-        raise VggcaffeError("solver has no snapshot_prefix; set one to snapshot")
+def check_snapshot_settings(p, probe=True):
+    """Raise now, not at the first snapshot, when the solver cannot snapshot: HDF5 asked
+    for, a snapshot interval without snapshot_prefix, or (`probe`) a prefix whose folder
+    cannot be made or written (Caffe's CheckSnapshotWritePermissions). Returns whether
+    the solver can snapshot (a solver file always has a prefix: see read_solver; a
+    SolverParameter built in Python may have none, and then writes no snapshot)."""
     if p.HasField("snapshot_format") and p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
         raise VggcaffeError("snapshot_format HDF5 is not supported; use BINARYPROTO or leave it unset for .npz")
+    if not p.snapshot_prefix:
+        if p.snapshot:
+            raise VggcaffeError(f"solver snapshots every {p.snapshot} iterations but has no snapshot_prefix")
+        return False
+    if probe:
+        folder = _prefix(p).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise VggcaffeError(f"cannot write to snapshot_prefix '{p.snapshot_prefix}' ({e.strerror}: "
+                                f"{e.filename or folder}); make sure that folder exists and is writable") from None
+    return True
+
+
+def _prefix(p):
+    return Path(p.snapshot_prefix + ("snapshot" if p.snapshot_prefix.endswith("/") else ""))
+
+
+def snapshot_paths(solver):
+    p = solver.param
+    check_snapshot_settings(p, probe=False)
+    if not p.snapshot_prefix:
+        raise VggcaffeError("solver has no snapshot_prefix; set one to snapshot")
     ext = ".caffemodel" if p.HasField("snapshot_format") else ".npz"
-    prefix = p.snapshot_prefix
-    if prefix.endswith("/"):
-        prefix += "snapshot"
-    base = f"{prefix}_iter_{solver.iter}"
+    base = f"{_prefix(p)}_iter_{solver.iter}"
     return Path(base + ext), Path(base + ".solverstate")
 
 

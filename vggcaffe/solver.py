@@ -18,8 +18,9 @@ from . import backend, cpu
 from .errors import VggcaffeError
 from .log import log, progress
 from .net import Net
+from .proto import caffe_pb2
 from .prototxt import read_solver
-from .snapshot import restore_state, write_snapshot
+from .snapshot import check_snapshot_settings, restore_state, write_snapshot
 from .threads import over_items, scratch
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "plateau")
@@ -85,19 +86,25 @@ class SGDSolver:
         if comm:
             seed = comm.bcast_seed(seed)
         self.seed = seed
+        self.can_snapshot = check_snapshot_settings(p, probe=rank == 0)
+        if not self.can_snapshot and p.snapshot_after_train:
+            log("Warning: the solver has no snapshot_prefix; no snapshot will be written", root=rank == 0)
         train_source, test_sources = self._net_sources()
+        if len(p.test_iter) != len(test_sources):
+            raise VggcaffeError(f"solver gives {len(p.test_iter)} test_iter values for {len(test_sources)} test nets")
+        if p.test_state and len(p.test_state) != len(test_sources):
+            raise VggcaffeError(f"solver gives {len(p.test_state)} test_state values for {len(test_sources)} test nets")
+        train_state = _with_cli_state(p.train_state, level, stages)
         if comm:
-            train_source = comm.local_batch(p, train_source, level, stages)
-        self.net = Net(train_source, phase="TRAIN", dtype=dtype, seed=seed, rank=rank,
-                       level=level, stages=stages)
+            train_source = comm.local_batch(p, train_source, train_state)
+        self.net = Net(train_source, phase="TRAIN", dtype=dtype, seed=seed, rank=rank, state=train_state)
         self.test_nets = []
         if rank == 0:
             for i, src in enumerate(test_sources):
-                net = Net(src, phase="TEST", dtype=dtype, seed=seed, level=level, stages=stages)
+                state = _with_cli_state(p.test_state[i] if p.test_state else caffe_pb2.NetState(), level, stages)
+                net = Net(src, phase="TEST", dtype=dtype, seed=seed, state=state)
                 net.share_with(self.net)
                 self.test_nets.append(net)
-        if len(p.test_iter) != len(test_sources):
-            raise VggcaffeError(f"solver gives {len(p.test_iter)} test_iter values for {len(test_sources)} test nets")
         if comm:
             comm.setup(self)
         xp = backend.array_module(self.net.learnable_params[0].data) if self.net.learnable_params else np
@@ -155,8 +162,10 @@ class SGDSolver:
             loss = self.comm.allreduce_gradients(self.net.learnable_params, loss)
         return loss
 
-    def apply_update(self, rate):
+    def apply_update(self, rate=None):
+        """One SGD update from the param diffs, at `rate` (default: the current learning rate)."""
         p = self.param
+        rate = self.learning_rate() if rate is None else rate
         params = self.net.learnable_params
         if p.clip_gradients >= 0:
             norm = math.sqrt(sum(float((b.diff.astype(np.float64) ** 2).sum()) for b in params))
@@ -202,8 +211,10 @@ class SGDSolver:
         data -= hist
 
     def step(self, iters):
-        """Run `iters` iterations (tests, display and snapshots as configured)."""
+        """Run `iters` iterations (tests, display and snapshots as configured); as in Caffe,
+        the displayed loss is smoothed over the iterations of this call only."""
         p = self.param
+        self.losses.clear()
         stop_at = self.iter + iters
         start_time, start_iter = time.time(), self.iter
         bar = progress(iters, self.is_root)
@@ -243,12 +254,10 @@ class SGDSolver:
 
     @staticmethod
     def _outputs(net):
-        """(name, loss weight, mean value) of each output blob."""
-        out = []
-        for name in net.outputs:
-            value = float(net.blobs[name].data.mean()) if net.blobs[name].count else 0.0
-            out.append((name, net.blob_loss_weights.get(name, 0.0), value))
-        return out
+        """(name, loss weight, value) of every element of every output blob, as Caffe numbers
+        its output lines (a blob of several values, e.g. per-class accuracies, gives several)."""
+        return [(name, net.blob_loss_weights.get(name, 0.0), float(v))
+                for name in net.outputs for v in backend.to_numpy(net.blobs[name].data).ravel()]
 
     # ------------------------------------------------------------ testing
     def test_all(self):
@@ -264,18 +273,17 @@ class SGDSolver:
     def test(self, index, net):
         log(f"Iteration {self.iter}, Testing net (#{index})", root=self.is_root)
         n = self.param.test_iter[index]
-        sums, weights = {}, {}
-        loss = 0.0
+        sums, loss = None, 0.0
         for _ in range(n):
             loss += net.forward_loss()
-            for name, w, _ in self._outputs(net):
-                sums[name] = sums.get(name, 0.0) + float(net.blobs[name].data.mean())
-                weights[name] = w
+            outputs = self._outputs(net)
+            values = np.array([value for _, _, value in outputs])
+            sums = values if sums is None else sums + values
         results = []
         if self.param.test_compute_loss:
             log(f"Test loss: {loss / n:.6g}", root=self.is_root)
-        for k, name in enumerate(sums):
-            value, w = sums[name] / n, weights[name]
+        for k, ((name, w, _), total) in enumerate(zip(outputs if n else [], sums if n else [])):
+            value = float(total) / n
             suffix = f" (* {w:g} = {w * value:.6g} loss)" if w else ""
             log(f"    Test net output #{k}: {name} = {value:.6g}{suffix}", root=self.is_root)
             results.append((name, value))
@@ -309,10 +317,12 @@ class SGDSolver:
         finally:
             signal.signal(signal.SIGINT, previous)
         if self._stop_requested:
-            self.snapshot()
-            log("Optimization stopped early (Ctrl-C); snapshot written.", root=self.is_root)
+            if self.can_snapshot:
+                self.snapshot()
+            written = "snapshot written" if self.can_snapshot else "no snapshot_prefix, no snapshot"
+            log(f"Optimization stopped early (Ctrl-C); {written}.", root=self.is_root)
             return False
-        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+        if p.snapshot_after_train and self.can_snapshot and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
         if p.display and self.iter % p.display == 0:
             loss = self.net.forward_loss()
@@ -343,6 +353,17 @@ class SGDSolver:
             self.comm.broadcast_params(self.net.learnable_params + self.history)
             self.comm.decorrelate_rngs(self.net)
         log(f"Restored solver state from {path} at iteration {self.iter}", root=self.is_root)
+
+
+def _with_cli_state(state, level, stages):
+    """A solver's train_state / test_state with the command line's --level and --stage
+    merged in (as `caffe train -level -stage` does)."""
+    out = caffe_pb2.NetState()
+    out.CopyFrom(state)
+    if level:
+        out.level = level
+    out.stage.extend(stages)
+    return out
 
 
 def _pieces(xp, *arrays, size=1 << 18):
