@@ -204,3 +204,14 @@ def test_fully_conv_rejects_a_net_without_input():
     with pytest.raises(VggcaffeError, match="Input"):
         from vggcaffe.surgery import fully_convolutional
         fully_convolutional(parse_text('name: "x"', caffe_pb2.NetParameter()), {})
+
+
+@pytest.mark.parametrize("label", [5, -1])
+def test_a_label_outside_the_nets_classes_names_the_listing_line(setup, capsys, label):
+    tmp, model_path, weights, images, _ = setup
+    from PIL import Image
+    Image.fromarray(images[0]).save(tmp / "a.png")
+    (tmp / "list.txt").write_text(f"a.png 1\na.png {label}\n")
+    assert main(["test", "--model", str(model_path), "--weights", str(weights[0]), "--dense",
+                 "--source", str(tmp / "list.txt"), "--root-folder", str(tmp) + "/"]) == 1
+    assert f"list.txt:2: label {label} is not one of the 5 classes of w1" in capsys.readouterr().err

@@ -180,3 +180,15 @@ def test_set_shard_and_set_state_reject_bad_values():
         layer.set_state({"epoch": 0})
     with pytest.raises(VggcaffeError, match="position 10"):
         layer.set_state(dict(layer.state(), position=10))
+
+
+def test_an_empty_split_or_file_is_an_error_not_a_hang(tmp_path):
+    from vggcaffe.data.sources import BatchOrder, NpzSource
+    np.savez(tmp_path / "empty.npz", x_test=np.zeros((0, 4, 4, 3), np.uint8), y_test=np.zeros(0, np.int64))
+    with pytest.raises(VggcaffeError, match=r"empty.npz\[x_test\] holds no images"):
+        NpzSource(str(tmp_path / "empty.npz"), "test", 0, "data")
+    (tmp_path / "zero.npz").write_bytes(b"")
+    with pytest.raises(VggcaffeError, match="layer 'data': cannot read npz source"):
+        NpzSource(str(tmp_path / "zero.npz"), "test", 0, "data")
+    with pytest.raises(VggcaffeError, match="no samples"):
+        BatchOrder(0, 4, True, 1)

@@ -228,3 +228,40 @@ def test_pycaffe_constructor_forms(tmp_path):
         np.testing.assert_array_equal(net.params["a"][0].data, build(text).params["a"][0].data.astype(np.float32))
     with pytest.raises(VggcaffeError, match="phase must be TRAIN or TEST, got 7"):
         Net(param, 7)
+
+
+def test_two_layers_with_parameters_under_one_name_are_an_error(tmp_path):
+    path = tmp_path / "dup.prototxt"
+    path.write_text(HEAD + ip("fc", "x", "a") + ip("fc", "a", "b"))
+    with pytest.raises(VggcaffeError, match=r"dup.prototxt:\d+: two layers with parameters are named 'fc'"):
+        Net(str(path), phase="TRAIN")
+
+
+def test_input_of_the_wrong_rank_names_the_blob_and_shapes():
+    net = build(HEAD + ip("a", "x", "a"), phase="TEST")
+    with pytest.raises(VggcaffeError, match=r"input 'x' has shape \(4,\), but the net's 'x' is 2-D \(3, 4\)"):
+        net.forward(x=np.zeros(4))
+    with pytest.raises(VggcaffeError, match="a prototxt path or a NetParameter, not int"):
+        Net(123)
+
+
+def test_errors_of_a_net_built_from_a_parsed_file_name_the_file(tmp_path):
+    path = tmp_path / "n.prototxt"
+    path.write_text(HEAD + euclid("loss", "x", "x", 'loss_weight: 1 loss_weight: 2'))
+    with pytest.raises(VggcaffeError, match=r"n.prototxt:4: layer 'loss' gives 2 loss_weight values for 1 tops"):
+        Net(parse_text(path.read_text(), caffe_pb2.NetParameter()), source=path)
+
+
+def test_a_refused_propagate_down_names_the_blob_not_its_hidden_split():
+    text = ('layer { name: "in" type: "Input" top: "x" top: "label" '
+            'input_param { shape { dim: 3 dim: 4 } shape { dim: 3 } } }\n' + ip("fc", "x", "p")
+            + 'layer { name: "acc" type: "Accuracy" bottom: "p" bottom: "label" top: "acc" }\n'
+            + 'layer { name: "sm" type: "SoftmaxWithLoss" bottom: "p" bottom: "label" top: "sm" '
+              'propagate_down: true propagate_down: true }\n')
+    with pytest.raises(VggcaffeError, match=r"layer 'sm' cannot backpropagate to its bottom 'label' \(propagate_down\)"):
+        build(text)
+
+
+def test_a_negative_input_dimension_is_an_error():
+    with pytest.raises(VggcaffeError, match=r"\(Input\): shape \(-1, 4\) of top 'x' has a negative dimension"):
+        build('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: -1 dim: 4 } } }')

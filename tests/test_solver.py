@@ -319,3 +319,40 @@ def test_solver_files_get_caffes_default_snapshot_prefix(tmp_path):
     (tmp_path / "snaps").mkdir()
     (tmp_path / "dir_solver.prototxt").write_text(solver_text(f'snapshot_prefix: "{tmp_path / "snaps"}"'))
     assert read_solver(tmp_path / "dir_solver.prototxt").snapshot_prefix == str(tmp_path / "snaps" / "dir_solver")
+
+
+def test_a_diverged_update_is_not_snapshotted_over_the_last_good_one(tmp_path):
+    os.chdir(tmp_path)
+    solver = make_solver(extra="base_lr: 1e30 snapshot: 1")
+    with pytest.raises(VggcaffeError, match="NaN or Inf|loss is"):
+        solver.step(10)
+    for path in tmp_path.glob("snap_iter_*.npz"):
+        with np.load(path) as f:
+            assert all(np.isfinite(f[k]).all() for k in f.files)
+
+
+@pytest.mark.parametrize("change, message", [
+    (('lr_policy: "fixed"', 'lr_policy: "step"'), "lr_policy 'step' needs a positive stepsize"),
+    (("max_iter: 2", 'max_iter: 2 regularization_type: "L3"'), "unknown regularization_type 'L3'"),
+    (("max_iter: 2", "max_iter: 2 snapshot: -1"), "snapshot must not be negative"),
+])
+def test_settings_that_would_fail_later_are_errors_naming_the_solver_file(tmp_path, change, message):
+    path = tmp_path / "s.prototxt"
+    path.write_text(solver_text("").replace(*change))
+    with pytest.raises(VggcaffeError, match=f"s.prototxt: {message}"):
+        SGDSolver(str(path))
+
+
+def test_damaged_solver_states_are_one_line_errors(tmp_path):
+    os.chdir(tmp_path)
+    solver = make_solver()
+    solver.step(1)
+    weights, state = solver.snapshot()
+    with pytest.raises(VggcaffeError, match="cannot read the solver state"):
+        make_solver().restore(tmp_path)
+    s = caffe_pb2.SolverState()
+    s.ParseFromString(state.read_bytes())
+    s.rng_state = "{not json"
+    state.write_bytes(s.SerializeToString())
+    with pytest.raises(VggcaffeError, match="random generator states are damaged"):
+        make_solver().restore(state)

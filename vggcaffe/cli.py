@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import VggcaffeError
 
@@ -39,9 +40,9 @@ def cmd_train(args):
     if args.precision:
         param.precision = args.precision
     _set_mode(args, param, comm)
-    solver = SGDSolver(param, comm=comm, level=args.level, stages=_stages(args))
+    solver = SGDSolver(param, comm=comm, level=args.level, stages=_stages(args), source=args.solver)
     if args.weights:
-        for path in args.weights.split(","):
+        for path in [w for w in args.weights.split(",") if w]:
             solver.net.copy_from(path)
         if comm:
             comm.broadcast_params(solver.net.learnable_params)
@@ -95,15 +96,12 @@ def cmd_localize_net(args):
 
 
 def cmd_compute_pca(args):
-    import numpy as np
     from .data.image_io import load_image, read_listing
+    from .data.sources import read_npz
     from .data.transforms import compute_pca, format_pca
     if args.source.endswith(".npz"):
-        with np.load(args.source, allow_pickle=False) as data:
-            key = f"x_{args.split}"
-            if key not in data.files:
-                raise VggcaffeError(f"{args.source}: no key '{key}'; keys are {', '.join(data.files)}")
-            images = data[key][:args.limit or None]
+        images, = read_npz(args.source, [f"x_{args.split}"], "compute_pca")
+        images = images[:args.limit or None]
     else:
         paths, _, numbers = read_listing(args.source, args.root_folder)
         images = (load_image(path, listing=args.source, line=n)
@@ -136,12 +134,64 @@ def cmd_init_from_a(args):
     print(f"wrote {args.output}: start training with --weights {args.output}")
 
 
+def _count(minimum):
+    """argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _number(text, ok, wanted):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+    return value
+
+
+def _positive(text):
+    """argparse type: a number above 0."""
+    return _number(text, lambda v: v > 0, "above 0")
+
+
+def _fraction(text):
+    """argparse type: a number in [0, 1]."""
+    return _number(text, lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def _sizes(text):
+    """argparse type: comma-separated image sizes, e.g. 256,384,512 -> [256, 384, 512]."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes in pixels") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text}")
+    return values
+
+
+def _output(text):
+    """argparse type: a path to write, in a folder that exists."""
+    folder = Path(text).parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
+    return text
+
+
 def _stages(args):
     return [s for s in (args.stage or "").split(",") if s]
 
 
 def _common(p):
-    p.add_argument("--gpu", "-gpu", type=int, default=None, help="run on this GPU (default: CPU)")
+    p.add_argument("--gpu", "-gpu", type=_count(0), default=None, help="run on this GPU (default: CPU)")
     p.add_argument("--level", "-level", type=int, default=0, help="net state level")
     p.add_argument("--stage", "-stage", default="", help="comma-separated net state stages")
 
@@ -152,13 +202,13 @@ def _evaluation_flags(p):
     p.add_argument("--multi-crop", action="store_true", help="grid x grid crops and their mirrors per scale")
     p.add_argument("--combine", action="store_true", help="also report dense + multi-crop (implies both)")
     p.add_argument("--flip", action="store_true", help="dense: average with the mirrored image's posteriors")
-    p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: from the training scale S)")
-    p.add_argument("--grid", type=int, default=5, help="multi-crop grid side (default 5: 50 crops per scale)")
+    p.add_argument("--scales", type=_sizes, help="test scales Q, e.g. 256,384,512 (default: from the training scale S)")
+    p.add_argument("--grid", type=_count(1), default=5, help="multi-crop grid side (default 5: 50 crops per scale)")
     p.add_argument("--fuse", default="", help="more models to fuse: MODEL:WEIGHTS,... (MODEL may be empty)")
     p.add_argument("--source", help=".npz (x_<split>, y_<split>) or image listing (default: the TEST data layer's)")
     p.add_argument("--split", default=None, help="npz split (default: the data layer's, else test)")
     p.add_argument("--root-folder", default=None, help="prefix for listing paths")
-    p.add_argument("--batch", type=int, default=50, help="images per forward pass (default 50)")
+    p.add_argument("--batch", type=_count(1), default=50, help="images per forward pass (default 50)")
 
 
 def _precision_flag(p):
@@ -173,7 +223,7 @@ def build_parser():
     p = sub.add_parser("summary", help="table of layers, top shapes, params and multiply-adds")
     p.add_argument("model", help="net prototxt")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"])
-    p.add_argument("--batch", type=int, default=1, help="batch size for the Input layer (default 1)")
+    p.add_argument("--batch", type=_count(1), default=1, help="batch size for the Input layer (default 1)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help="train a net with a solver prototxt")
@@ -190,7 +240,7 @@ def build_parser():
     p.add_argument("--model", "-model", help="net prototxt (with --dense/--multi-crop: a train_val or deploy "
                    "net; left out, it is inferred from the weights, see vggcaffe/evaluate.py infer_model)")
     p.add_argument("--weights", "-weights", help="weights (.npz or .caffemodel)")
-    p.add_argument("--iterations", "-iterations", type=int, default=50)
+    p.add_argument("--iterations", "-iterations", type=_count(1), default=50)
     p.add_argument("--phase", "-phase", default="TEST", choices=["TRAIN", "TEST"])
     _evaluation_flags(p)
     _common(p)
@@ -198,8 +248,8 @@ def build_parser():
 
     p = sub.add_parser("time", help="Caffe's benchmark: average forward/backward ms per layer, totals, img/s")
     p.add_argument("--model", "-model", required=True, help="net prototxt (data layers become synthetic inputs)")
-    p.add_argument("--iterations", "-iterations", type=int, default=50)
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: the data or Input layer's)")
+    p.add_argument("--iterations", "-iterations", type=_count(1), default=50)
+    p.add_argument("--batch", type=_count(1), default=None, help="batch size (default: the data or Input layer's)")
     p.add_argument("--phase", "-phase", default="TRAIN", choices=["TRAIN", "TEST"])
     _precision_flag(p)
     _common(p)
@@ -209,7 +259,7 @@ def build_parser():
     p.add_argument("--fully-conv", action="store_true", help="fc6 -> kxk conv (k = pool5's size), fc7/fc8 -> 1x1")
     p.add_argument("model", help="deploy or train_val prototxt")
     p.add_argument("weights", help="its weights (.npz or .caffemodel)")
-    p.add_argument("-o", "--output", required=True, help="writes OUTPUT.prototxt and OUTPUT.npz (or .caffemodel)")
+    p.add_argument("-o", "--output", type=_output, required=True, help="writes OUTPUT.prototxt and OUTPUT.npz (or .caffemodel)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("init_from_a", help="the paper's pre-initialisation: net A's first conv and last fc "
@@ -217,9 +267,9 @@ def build_parser():
     p.add_argument("--source-model", required=True, help="net A's prototxt (deploy or train_val)")
     p.add_argument("--source-weights", required=True, help="net A's trained weights (.npz or .caffemodel)")
     p.add_argument("--model", required=True, help="the deeper net's prototxt")
-    p.add_argument("-o", "--output", required=True, help="output .npz, for train --weights")
-    p.add_argument("--conv", type=int, default=4, help="how many of A's first conv layers (default 4)")
-    p.add_argument("--fc", type=int, default=3, help="how many of A's last fc layers (default 3)")
+    p.add_argument("-o", "--output", type=_output, required=True, help="output .npz, for train --weights")
+    p.add_argument("--conv", type=_count(0), default=4, help="how many of A's first conv layers (default 4)")
+    p.add_argument("--fc", type=_count(0), default=3, help="how many of A's last fc layers (default 3)")
     p.set_defaults(func=cmd_init_from_a)
 
     p = sub.add_parser("transfer", help="appendix B: a trained net's descriptors of another dataset, "
@@ -228,15 +278,15 @@ def build_parser():
     p.add_argument("--model", "-model", help="train_val or deploy net (default: inferred from the weights)")
     p.add_argument("--source", required=True, help=".npz with x_train, y_train, x_test, y_test "
                    "(e.g. ../shared/data/transfer/caltech101_32.npz)")
-    p.add_argument("--scales", help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
+    p.add_argument("--scales", type=_sizes, help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
     p.add_argument("--aggregate", choices=["stack", "average"], default="stack",
                    help="combine the scales' descriptors by stacking (default) or averaging")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
     p.add_argument("--layer", help="descriptor blob (default: the bottom of the last InnerProduct, fc7)")
     p.add_argument("--fuse", default="", help="more models whose descriptors are stacked: MODEL:WEIGHTS,...")
-    p.add_argument("--svm-c", type=float, default=None, help="the SVM's C (default: cross-validated)")
-    p.add_argument("--features", help="also write the descriptors to this .npz")
-    p.add_argument("--batch", type=int, default=50, help="images per forward pass (default 50)")
+    p.add_argument("--svm-c", type=_positive, default=None, help="the SVM's C (default: cross-validated)")
+    p.add_argument("--features", type=_output, help="also write the descriptors to this .npz")
+    p.add_argument("--batch", type=_count(1), default=50, help="images per forward pass (default 50)")
     _common(p)
     p.set_defaults(func=cmd_transfer)
 
@@ -247,13 +297,13 @@ def build_parser():
     p.add_argument("--scr", action="store_true", help="single-class regression (4 outputs; default: per-class)")
     p.add_argument("--finetune", choices=["all", "fc"], default="all",
                    help="fine-tune all layers (default) or only the fully-connected ones")
-    p.add_argument("--scales", help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
-    p.add_argument("--batch", type=int, default=32, help="training batch size (default 32)")
-    p.add_argument("--max-iter", type=int, default=1000, help="solver max_iter (default 1000)")
-    p.add_argument("--base-lr", type=float, default=0.001, help="solver base_lr (default 0.001, the paper's)")
+    p.add_argument("--scales", type=_sizes, help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
+    p.add_argument("--batch", type=_count(1), default=32, help="training batch size (default 32)")
+    p.add_argument("--max-iter", type=_count(1), default=1000, help="solver max_iter (default 1000)")
+    p.add_argument("--base-lr", type=_positive, default=0.001, help="solver base_lr (default 0.001, the paper's)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="val")
-    p.add_argument("-o", "--output", required=True, help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
+    p.add_argument("-o", "--output", type=_output, required=True, help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
     p.set_defaults(func=cmd_localize_net)
 
     p = sub.add_parser("localize", help="appendix A: localisation error of a box regressor (central crop; "
@@ -264,10 +314,10 @@ def build_parser():
     p.add_argument("--classifier-model", help="its train_val or deploy net (default: inferred)")
     p.add_argument("--source", help="box folder (default: the regressor's TEST data layer's)")
     p.add_argument("--split", default=None, help="split of the box folder (default: the TEST layer's, else val)")
-    p.add_argument("--scales", help="dense test scales Q (default: the training scale S)")
-    p.add_argument("--merge-iou", type=float, default=0.5, help="greedy merging joins boxes overlapping this much")
+    p.add_argument("--scales", type=_sizes, help="dense test scales Q (default: the training scale S)")
+    p.add_argument("--merge-iou", type=_fraction, default=0.5, help="greedy merging joins boxes overlapping this much")
     p.add_argument("--fuse", default="", help="more regressors whose boxes join the merge: MODEL:WEIGHTS,...")
-    p.add_argument("--min-inside", type=float, default=0.75,
+    p.add_argument("--min-inside", type=_fraction, default=0.75,
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
     _common(p)
     p.set_defaults(func=cmd_localize)
@@ -276,7 +326,7 @@ def build_parser():
     p.add_argument("source", help=".npz (uint8 NHWC under x_<split>) or a Caffe image listing")
     p.add_argument("--split", default="train")
     p.add_argument("--root-folder", "-root_folder", default="", help="prefix for listing paths")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
+    p.add_argument("--limit", type=_count(0), default=0, help="use only the first N images (0 = all)")
     p.set_defaults(func=cmd_compute_pca)
     return parser
 

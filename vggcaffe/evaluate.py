@@ -101,7 +101,7 @@ class Model:
         self.name = name or Path(str(weights)).stem
         self.data_source = None if is_deploy(param) else _data_source(param)
         deploy = param if is_deploy(param) else deploy_from_train_val(param)
-        self.fc_net = Net(deploy, phase="TEST", weights=str(weights), dtype=dtype)
+        self.fc_net = Net(deploy, phase="TEST", weights=str(weights), dtype=dtype, source=model)
         conv_param, conv_weights = fully_convolutional(deploy, net_weights(self.fc_net))
         self.conv_net = Net(conv_param, phase="TEST", dtype=dtype)
         load_into(self.conv_net, conv_weights)
@@ -187,6 +187,15 @@ class ImageSet:
 
     def __len__(self):
         return len(self.labels)
+
+    def check_labels(self, classes, model):
+        """Raise naming the first label outside 0..classes-1 (and its listing line)."""
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= classes))
+        if len(bad):
+            i = bad[0]
+            where = f"{self.path}:{self.lines[i]}" if self.npz is None else f"{self.path}[y_{self.npz.split}][{i}]"
+            raise VggcaffeError(f"{where}: label {self.labels[i]} is not one of the {classes} classes of {model} "
+                                f"({len(bad)} such label{'s' if len(bad) > 1 else ''})")
 
     def chunks(self, size):
         """(indices, images (n, H, W, C)) of one size at a time, `size` images at most."""
@@ -302,7 +311,9 @@ def run_test(args):
         name = Path(weights).stem
         models.append(Model(model, weights, name=name if name not in [m.name for m in models] else f"{name}#{i}"))
     images = _test_images(args, models[0])
-    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    for m in models:
+        images.check_labels(m.fc_net.blobs[m.output].shape[1], m.name)
+    scales = args.scales
     for m in models:
         qs = ", ".join("as is" if q is None else str(q) for q in scales or m.scales)
         log(f"{m.name}: crop {m.crop}, test scales Q = {qs}; {len(images)} images from {images.path}")

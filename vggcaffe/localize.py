@@ -162,11 +162,10 @@ def write_localisation_net(args):
     return net_path, solver_path
 
 
-def _scale_range(text):
-    parts = [int(v) for v in text.split(",")]
-    if len(parts) not in (1, 2) or parts[0] > parts[-1]:
-        raise VggcaffeError(f"--scales takes S or S_min,S_max, got {text!r}")
-    return parts[0], parts[-1]
+def _scale_range(sizes):
+    if len(sizes) not in (1, 2) or sizes[0] > sizes[-1]:
+        raise VggcaffeError(f"--scales takes S or S_min,S_max, got {','.join(map(str, sizes))}")
+    return sizes[0], sizes[-1]
 
 
 def total_stride(deploy):
@@ -314,7 +313,7 @@ def run_localize(args):
             raise VggcaffeError(f"give --source: the TEST data layer of {model} names no box folder")
         source, split = given["source"], split or given.get("split", "val")
     boxes = BoxSet(source, split or "val")
-    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    scales = args.scales
     for loc in localisers:
         log(f"{loc.model.name}: {'PCR' if loc.groups > 1 else 'SCR'}, crop {loc.model.crop}, S = {loc.train_scale}")
     log(f"dense Q = {', '.join(map(str, scales or [localiser.train_scale]))}; classifier {classifier.name}; "

@@ -119,10 +119,11 @@ class Net:
     """A network for one phase. `model` is a prototxt path or a NetParameter. As in pycaffe,
     Net(model, phase, weights=...) and the older Net(model, weights, phase) both work.
     `state`: a NetState merged over the net's own (see net_state), as a solver's
-    train_state / test_state; otherwise `level` and `stages` as in pycaffe."""
+    train_state / test_state; otherwise `level` and `stages` as in pycaffe. `source`: the
+    prototxt a NetParameter `model` was made from, named with its line in errors."""
 
     def __init__(self, model, phase="TEST", weights=None, level=0, stages=(), dtype=np.float32,
-                 seed=None, rank=0, state=None):
+                 seed=None, rank=0, state=None, source=None):
         if _is_phase(weights) and not _is_phase(phase):
             phase, weights = weights, phase
         self.phase = phase.upper() if isinstance(phase, str) else (
@@ -135,8 +136,12 @@ class Net:
             param, text = read_text(model, caffe_pb2.NetParameter())
             self.source, self._lines = str(model), layer_lines(text)
             param = upgrade_net(param)
-        else:
+        elif isinstance(model, caffe_pb2.NetParameter):
             param = upgrade_net(_copy(model))
+            if isinstance(source, (str, Path)) and Path(source).is_file():
+                self.source, self._lines = str(source), layer_lines(Path(source).read_text(errors="replace"))
+        else:
+            raise VggcaffeError(f"a net is a prototxt path or a NetParameter, not {type(model).__name__}")
         self.name = param.name
         self.param = filter_net(param, net_state(param, self.phase, state, level, stages))
         self._seed = np.random.SeedSequence(seed)
@@ -232,7 +237,8 @@ class Net:
         if not weights and layer.default_loss_weight:
             weights = [layer.default_loss_weight]
         if len(weights) > len(top):
-            raise VggcaffeError(f"layer '{lp.name}' gives {len(weights)} loss_weight values for {len(top)} tops")
+            raise VggcaffeError(f"{self._where(lp.name)}: layer '{lp.name}' gives {len(weights)} loss_weight "
+                                f"values for {len(top)} tops")
         for i, w in enumerate(weights):
             if w != 0:
                 self.loss_weights[(len(self.layers) - 1, i)] = float(w)
@@ -261,6 +267,9 @@ class Net:
                     self.decay_mults.append(spec.decay_mult)
                     self.param_names.append(f"{lp.name}/{j}")
                 layer.param_propagate_down[j] = spec.lr_mult != 0
+            if lp.name in self.params:
+                raise VggcaffeError(f"{self._where(lp.name)}: two layers with parameters are named '{lp.name}'; "
+                                    f"weights are saved and loaded by layer name, so give each its own")
             self.params[lp.name] = layer.blobs
 
     def _share_param(self, lp, layer, j, spec, owner):
@@ -293,7 +302,10 @@ class Net:
                 if i < len(lp.propagate_down):
                     need = bool(lp.propagate_down[i])
                     if need and not layer.allow_force_backward(i):
-                        raise VggcaffeError(f"layer '{lp.name}' cannot backpropagate to its bottom '{name}'")
+                        blob = next((s.bottom[0] for s in split_param.layer if s.type == "Split" and name in s.top),
+                                    name)
+                        raise VggcaffeError(f"{self._where(lp.name)}: layer '{lp.name}' cannot backpropagate to "
+                                            f"its bottom '{blob}' (propagate_down)")
                 bneed.append(need)
             for name in lp.top:
                 blob_needs[name] = needs
@@ -394,8 +406,14 @@ class Net:
             if name not in self.inputs:
                 raise VggcaffeError(f"'{name}' is not a net input; inputs are {self.inputs}")
             blob = self.blobs[name]
-            value = blob._xp.asarray(value, dtype=self.dtype)
+            try:
+                value = blob._xp.asarray(value, dtype=self.dtype)
+            except (TypeError, ValueError) as e:
+                raise VggcaffeError(f"input '{name}' is not an array of numbers ({e})") from None
             if value.shape != blob.shape:
+                if value.ndim != len(blob.shape):
+                    raise VggcaffeError(f"input '{name}' has shape {value.shape}, but the net's '{name}' is "
+                                        f"{len(blob.shape)}-D {blob.shape}; give a batch of that shape")
                 blob.reshape(value.shape)
             blob.data[...] = value
         self.forward_loss(start, end)

@@ -109,6 +109,8 @@ def restore_state(solver, path):
         state.ParseFromString(path.read_bytes())
     except FileNotFoundError:
         raise VggcaffeError(f"{path}: no such solver state file") from None
+    except OSError as e:
+        raise VggcaffeError(f"{path}: cannot read the solver state ({e.strerror})") from None
     except DecodeError as e:
         raise VggcaffeError(f"{path}: not a SolverState file: {e}") from None
     if len(state.history) != len(solver.history):
@@ -127,4 +129,7 @@ def restore_state(solver, path):
     solver.plateau.best = state.plateau_best if state.HasField("plateau_best") else None
     solver.plateau.wait, solver.plateau.reductions = state.plateau_wait, state.plateau_reductions
     if state.rng_state:
-        _set_rng_states(solver, json.loads(state.rng_state))
+        try:
+            _set_rng_states(solver, json.loads(state.rng_state))
+        except (ValueError, TypeError, KeyError) as e:
+            raise VggcaffeError(f"{path}: its random generator states are damaged ({e})") from None

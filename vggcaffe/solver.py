@@ -70,16 +70,32 @@ class Plateau:
         return False
 
 
-class SGDSolver:
-    """pycaffe's SGDSolver: `.net`, `.test_nets`, `.step(n)`, `.solve()`, `.snapshot()`, `.restore()`."""
+def _check_settings(p):
+    """Raise on solver settings that would otherwise fail only later in training."""
+    if p.type not in ("SGD", ""):
+        raise VggcaffeError(f"solver type '{p.type}' is not supported; vggcaffe implements SGD")
+    if p.lr_policy not in LR_POLICIES:
+        raise VggcaffeError(f"unknown lr_policy '{p.lr_policy}'; known: {', '.join(LR_POLICIES)}")
+    if p.lr_policy == "step" and p.stepsize <= 0:
+        raise VggcaffeError("lr_policy 'step' needs a positive stepsize")
+    if p.regularization_type not in ("L1", "L2"):
+        raise VggcaffeError(f"unknown regularization_type '{p.regularization_type}'; use L1 or L2")
+    for field in ("snapshot", "display", "test_interval", "average_loss", "iter_size", "max_iter"):
+        if getattr(p, field) < 0:
+            raise VggcaffeError(f"{field} must not be negative, got {getattr(p, field)}")
 
-    def __init__(self, solver, dtype=np.float32, comm=None, level=0, stages=()):
+
+class SGDSolver:
+    """pycaffe's SGDSolver: `.net`, `.test_nets`, `.step(n)`, `.solve()`, `.snapshot()`, `.restore()`.
+    `solver`: a solver prototxt path or a SolverParameter (`source`: the file it was read from)."""
+
+    def __init__(self, solver, dtype=np.float32, comm=None, level=0, stages=(), source=None):
         self.param = read_solver(solver) if isinstance(solver, (str, Path)) else solver
         p = self.param
-        if p.type not in ("SGD", ""):
-            raise VggcaffeError(f"solver type '{p.type}' is not supported; vggcaffe implements SGD")
-        if p.lr_policy not in LR_POLICIES:
-            raise VggcaffeError(f"unknown lr_policy '{p.lr_policy}'; known: {', '.join(LR_POLICIES)}")
+        try:
+            _check_settings(p)
+        except VggcaffeError as e:
+            raise VggcaffeError(f"{solver if isinstance(solver, (str, Path)) else source or 'solver'}: {e}") from None
         self.comm = comm
         rank, size = (comm.rank, comm.size) if comm else (0, 1)
         seed = p.random_seed if p.random_seed >= 0 else None
@@ -174,8 +190,6 @@ class SGDSolver:
                     f"by scale factor {p.clip_gradients / norm:g}", root=self.is_root)
                 for b in params:
                     b.diff *= p.clip_gradients / norm
-        if p.regularization_type not in ("L1", "L2"):
-            raise VggcaffeError(f"unknown regularization_type '{p.regularization_type}'; use L1 or L2")
         if self._gpu_update and self._gpu_update.applies(params, self.history):
             self._gpu_update(params, self.history, [rate * m for m in self.net.lr_mults],
                              [p.weight_decay * m for m in self.net.decay_mults], p.momentum,
@@ -223,8 +237,9 @@ class SGDSolver:
                 self.test_all()
             loss = self.forward_backward(average=True)
             if not math.isfinite(loss):
-                raise VggcaffeError(f"loss is {loss} at iteration {self.iter}; stopping "
-                                    f"(the last snapshot, if any, is intact)")
+                raise VggcaffeError(f"loss is {loss} at iteration {self.iter}; stopping (snapshots hold finite "
+                                    f"weights only, but the last may be past the divergence: resume from an "
+                                    f"earlier one with a lower base_lr or clip_gradients)")
             self.losses.append(loss)
             rate = self.learning_rate()
             if p.display and self.iter % p.display == 0:
@@ -342,6 +357,12 @@ class SGDSolver:
         """Write <prefix>_iter_<N>.npz (or .caffemodel) and .solverstate, atomically."""
         if not self.is_root:
             return None
+        bad = [name for name, blob in zip(self.net.param_names, self.net.learnable_params)
+               if not bool(backend.array_module(blob.data).isfinite(blob.data).all())]
+        if bad:
+            raise VggcaffeError(f"the weights hold NaN or Inf at iteration {self.iter} ({', '.join(bad[:4])}"
+                                f"{'...' if len(bad) > 4 else ''}): training diverged; no snapshot written over "
+                                f"the last good one (lower base_lr, or clip_gradients)")
         paths = write_snapshot(self)
         log(f"Snapshotting to {paths[0]}", root=True)
         log(f"Snapshotting solver state to {paths[1]}", root=True)

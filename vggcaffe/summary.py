@@ -25,7 +25,7 @@ def summarize(model, phase="TEST", batch=1):
         if layer.type == "Input":
             for shape in layer.input_param.shape:
                 shape.dim[0] = batch
-    net = Net(param, phase=phase)
+    net = Net(param, phase=phase, source=model)
     rows, seen = [], set()
     for name, layer, bottom, top in zip(net._layer_names, net.layers, net._bottoms, net._tops):
         if layer.type == "Split":

@@ -198,7 +198,7 @@ def convert_files(model, weights, output):
     deploy = param if is_deploy(param) else deploy_from_train_val(param)
     arrays = read_weights(weights)
     dtype = next((a.dtype for blobs in arrays.values() for a, _ in blobs), np.dtype(np.float32))
-    fc_net = Net(deploy, phase="TEST", weights=str(weights), dtype=dtype)
+    fc_net = Net(deploy, phase="TEST", weights=str(weights), dtype=dtype, source=model)
     conv_param, conv_weights = fully_convolutional(deploy, net_weights(fc_net))
     conv_net = Net(conv_param, phase="TEST", dtype=dtype)
     load_into(conv_net, conv_weights)

@@ -116,10 +116,10 @@ def time_net(net, iterations):
 def run_time(model, iterations=50, batch=None, phase="TRAIN", precision=None):
     """Build `model` with synthetic inputs, time it, log Caffe's table; returns img/s."""
     param = synthetic_net(model, batch)
-    net = Net(param, phase=phase)
+    net = Net(param, phase=phase, source=model)
     if not net.loss_weights:        # a deploy net: time the backward of every layer anyway
         param.force_backward = True
-        net = Net(param, phase=phase)
+        net = Net(param, phase=phase, source=model)
     if backend.gpu_mode():
         from . import gpu
         gpu.set_precision(precision or "fp32")

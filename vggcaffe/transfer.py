@@ -130,7 +130,7 @@ def run_transfer(args):
     models = []
     for model, weights in specs:
         models.append(FeatureModel(model or infer_model(weights), weights, layer=args.layer))
-    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    scales = args.scales
     sets = {split: ImageSet(args.source, split) for split in ("train", "test")}
     for m in models:
         qs = ", ".join("as is" if q is None else str(q) for q in scales or m.scales)

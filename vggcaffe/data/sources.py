@@ -31,6 +31,8 @@ class BatchOrder:
     """
 
     def __init__(self, n, batch_size, shuffle, seed, rank=0, size=1):
+        if n < 1:
+            raise VggcaffeError("a data source with no samples has no batches")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, _seed_words(seed)
         self.rank, self.size = rank, size
         self.epoch, self.position = 0, 0
@@ -64,12 +66,28 @@ class BatchOrder:
         return np.concatenate(parts)[self.rank::self.size]
 
 
+def read_npz(path, keys, who):
+    """The arrays under `keys` of an .npz archive, read without pickle; errors start with `who`."""
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise VggcaffeError(f"{who}: npz source {path} is not an .npz archive")
+        with f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise VggcaffeError(f"{who}: {path} has no {' and '.join(map(repr, missing))}; "
+                                    f"available keys: {', '.join(sorted(f.files))}")
+            return tuple(f[k] for k in keys)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise VggcaffeError(f"{who}: cannot read npz source {path}: {e or 'empty file'}") from None
+
+
 class NpzSource:
     """uint8 images (N, H, W, C) and labels (N,) under keys x_<split> / y_<split>, read without pickle."""
 
     def __init__(self, path, split, limit, layer):
         self.path, self.split = path, split
-        x, y = self._read(path, f"x_{split}", f"y_{split}", layer)
+        x, y = read_npz(path, (f"x_{split}", f"y_{split}"), f"layer '{layer}'")
         if x.ndim != 4 or x.dtype != np.uint8 or x.shape[3] not in (1, 3):
             raise VggcaffeError(f"layer '{layer}': {path}[x_{split}] is {x.dtype} {x.shape}, "
                                 "expected uint8 (N, H, W, 1 or 3)")
@@ -77,20 +95,8 @@ class NpzSource:
             raise VggcaffeError(f"layer '{layer}': {path}[y_{split}] is {y.dtype} {y.shape}, "
                                 f"expected integer ({len(x)},)")
         self.images, self.labels = (x[:limit], y[:limit]) if limit else (x, y)
-
-    @staticmethod
-    def _read(path, xk, yk, layer):
-        try:
-            f = np.load(path, allow_pickle=False)
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise VggcaffeError(f"layer '{layer}': npz source {path} is not an .npz archive")
-            with f:
-                if xk not in f.files or yk not in f.files:
-                    raise VggcaffeError(f"layer '{layer}': {path} has no {xk!r} and {yk!r}; "
-                                        f"available keys: {', '.join(sorted(f.files))}")
-                return f[xk], f[yk]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise VggcaffeError(f"layer '{layer}': cannot read npz source {path}: {e}") from None
+        if not len(self.images):
+            raise VggcaffeError(f"layer '{layer}': {path}[x_{split}] holds no images")
 
     def __len__(self):
         return len(self.images)

@@ -18,7 +18,11 @@ class InputLayer(Layer):
             raise VggcaffeError(f"layer '{self.name}' (Input) gives {len(shapes)} shapes for {len(top)} tops; "
                                 f"give 1 or {len(top)}")
         for i, blob in enumerate(top):
-            blob.reshape(tuple(shapes[0 if len(shapes) == 1 else i].dim))
+            dims = tuple(shapes[0 if len(shapes) == 1 else i].dim)
+            if any(d < 0 for d in dims):
+                raise VggcaffeError(f"layer '{self.name}' (Input): shape {dims} of top '{self.param.top[i]}' "
+                                    f"has a negative dimension")
+            blob.reshape(dims)
 
     def reshape(self, bottom, top):
         pass
