@@ -89,3 +89,40 @@ def test_layer_registry_v1_names_agree_with_the_upgrade_table():
     from vggcaffe.prototxt import V1_TYPES
     assert V1_TYPE_NAMES and all(V1_TYPES[v1] == v2 for v1, v2 in V1_TYPE_NAMES.items())
     assert all(v2 in LAYER_TYPES for v2 in V1_TYPE_NAMES.values())
+
+
+RESNET_SNIPPET = """
+name: "resnet_snippet"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 bias_term: false } }
+layer { name: "bn_conv1" type: "BatchNorm" bottom: "conv1" top: "conv1"
+  batch_norm_param { use_global_stats: true moving_average_fraction: 0.9 eps: 1e-5 } }
+layer { name: "scale_conv1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "sum" type: "Eltwise" bottom: "conv1" bottom: "conv1" top: "sum" eltwise_param { operation: SUM coeff: 1 coeff: -1 } }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "conv1" top: "cat" concat_param { axis: 1 } }
+layer { name: "noise" type: "DummyData" top: "noise" dummy_data_param { shape { dim: 1 } data_filler { type: "gaussian" } } }
+"""
+
+
+def test_caffes_other_layer_parameters_parse_and_stop_at_the_layer_type(tmp_path):
+    # Caffe's schema in full: a ResNet prototxt reads; building it names the unknown type
+    from vggcaffe.net import Net
+    path = tmp_path / "resnet.prototxt"
+    path.write_text(RESNET_SNIPPET)
+    net = read_net(path)
+    bn = next(lp for lp in net.layer if lp.type == "BatchNorm")
+    assert bn.batch_norm_param.use_global_stats and bn.batch_norm_param.eps == pytest.approx(1e-5)
+    assert list(net.layer[4].eltwise_param.coeff) == [1, -1] and net.layer[5].concat_param.axis == 1
+    with pytest.raises(VggcaffeError, match=r"resnet.prototxt:6: layer 'bn_conv1' has unknown type 'BatchNorm'; "
+                                            r"known types: .*Convolution"):
+        Net(str(path))
+
+
+def test_v1_layers_keep_the_parameters_of_every_caffe_layer(tmp_path):
+    path = tmp_path / "v1.prototxt"
+    path.write_text('layers { name: "cat" type: CONCAT bottom: "a" bottom: "b" top: "c" concat_param { axis: 2 } }\n'
+                    'layers { name: "pw" type: POWER bottom: "c" top: "d" power_param { power: 2 shift: 1 } }\n')
+    net = read_net(path)
+    assert [lp.type for lp in net.layer] == ["Concat", "Power"]
+    assert net.layer[0].concat_param.axis == 2 and net.layer[1].power_param.shift == 1

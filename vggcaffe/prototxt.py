@@ -33,9 +33,8 @@ V1_TYPES = {
 }
 
 # Per-layer parameter messages that V1 and V2 layers both carry, by field name.
-_SHARED_PARAMS = ("accuracy_param", "convolution_param", "data_param", "dropout_param",
-                  "image_data_param", "inner_product_param", "lrn_param", "memory_data_param",
-                  "pooling_param", "relu_param", "softmax_param", "transform_param", "loss_param")
+_SHARED_PARAMS = tuple(f.name for f in caffe_pb2.V1LayerParameter.DESCRIPTOR.fields
+                       if f.name.endswith("_param") and f.name in caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name)
 
 # Legacy transform fields in data-layer parameters (Caffe's UpgradeNetDataTransformation).
 _LEGACY_TRANSFORM = ("scale", "mean_file", "crop_size", "mirror")
