@@ -60,15 +60,16 @@ def cmd_test(args):
     if not args.model:
         raise VggcaffeError("test needs --model (it may be left out only with --dense or --multi-crop)")
     net = Net(args.model, phase=args.phase, weights=args.weights, level=args.level, stages=_stages(args))
-    totals = {}
+    totals, loss = {}, 0.0
     for i in range(args.iterations):
-        net.forward_loss()
+        loss += net.forward_loss()
         for name in net.outputs:
             values = np.ravel(net.blobs[name].data)
             for k, v in enumerate(values):
                 key = name if len(values) == 1 else f"{name}[{k}]"
                 totals[key] = totals.get(key, 0.0) + float(v)
                 log(f"Batch {i}, {key} = {float(v):.6g}")
+    log(f"Loss: {loss / args.iterations:.6g}")
     for key, total in totals.items():
         w = net.blob_loss_weights.get(key, 0.0)
         mean = total / args.iterations
@@ -109,6 +110,23 @@ def cmd_compute_pca(args):
     eigval, eigvec = compute_pca(images)
     print(f"# RGB PCA of {args.source} (pixels 0..255); paste into transform_param with color_shift_std: 0.1")
     print(format_pca(eigval, eigvec))
+
+
+def cmd_convert_imageset(args):
+    from .data.db import convert_imageset
+    from .log import log
+    if args.backend != "lmdb":
+        raise VggcaffeError("convert_imageset writes LMDB only (--backend lmdb); LevelDB has no maintained "
+                            "Python binding")
+    encode_type = (args.encode_type or "jpg") if args.encoded else ""
+    convert_imageset(args.root_folder, args.listfile, args.db_name, args.resize_height, args.resize_width,
+                     args.shuffle, args.gray, encode_type, log=log)
+
+
+def cmd_compute_image_mean(args):
+    from .data.db import compute_image_mean
+    from .log import log
+    compute_image_mean(args.input_db, args.output_file, log=log)
 
 
 def cmd_convert(args):
@@ -321,6 +339,27 @@ def build_parser():
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
     _common(p)
     p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("convert_imageset", help="Caffe's tool: the images of a listing into an LMDB of "
+                                                 "Datums (for the Data layer)")
+    p.add_argument("root_folder", help="prefix of the listing's paths (e.g. images/)")
+    p.add_argument("listfile", help="listing: '<path> <label>' per line")
+    p.add_argument("db_name", type=_output, help="the LMDB folder to create")
+    p.add_argument("--resize_height", "-resize_height", type=_count(0), default=0)
+    p.add_argument("--resize_width", "-resize_width", type=_count(0), default=0)
+    p.add_argument("--shuffle", "-shuffle", action="store_true", help="write the images in a random order")
+    p.add_argument("--gray", "-gray", action="store_true", help="store greyscale images")
+    p.add_argument("--encoded", "-encoded", action="store_true", help="store the images encoded (smaller)")
+    p.add_argument("--encode_type", "-encode_type", choices=["jpg", "png"], default="",
+                   help="with --encoded: jpg (default) or png")
+    p.add_argument("--backend", "-backend", default="lmdb", help="lmdb (the only one written)")
+    p.set_defaults(func=cmd_convert_imageset)
+
+    p = sub.add_parser("compute_image_mean", help="Caffe's tool: the mean image of an LMDB, for mean_file")
+    p.add_argument("input_db", help="an LMDB of Datums (convert_imageset's output)")
+    p.add_argument("output_file", nargs="?", type=_output, help="write the mean here (.binaryproto)")
+    p.add_argument("--backend", "-backend", default="lmdb", choices=["lmdb"], help="lmdb (the only one read)")
+    p.set_defaults(func=cmd_compute_image_mean)
 
     p = sub.add_parser("compute_pca", help="RGB eigenvalues/eigenvectors of a training set for the colour shift")
     p.add_argument("source", help=".npz (uint8 NHWC under x_<split>) or a Caffe image listing")

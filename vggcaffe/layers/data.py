@@ -1,11 +1,12 @@
-"""Data layers: ImageData (a Caffe image listing) and NpzData (uint8 arrays in an .npz).
+"""Data layers: Data (Caffe's LMDB of Datums), ImageData (a Caffe image listing) and NpzData
+(uint8 arrays in an .npz).
 
 No bottoms. Tops: data (N, C, H, W) in the layer's dtype, channels RGB, and
 optionally label (N,) holding the integer labels as floats (Caffe's way).
 The transform is transform_param (vggcaffe/data/transforms.py). Data layers
 have no backward.
 
-Order, sharding, prefetch and resume (both layers):
+Order, sharding, prefetch and resume (every layer here):
 - One order per epoch, the same on every rank: a permutation seeded by
   (order_seed, epoch) when shuffle is set, else the source's order; at the end
   the layer wraps around into the next epoch (Caffe's semantics).
@@ -158,6 +159,25 @@ class BaseDataLayer(Layer):
         if self._stager is not None:
             self._stager.close()
         self._producer = self._prefetcher = self._stager = None
+
+
+@register("Data", "DATA")
+class Data(BaseDataLayer):
+    """Caffe's Data layer (data_param): the Datum records of an LMDB in key order
+    (vggcaffe/data/db.py: raw BGR pixels become RGB, encoded ones are decoded),
+    then transform_param. Caffe's order: no shuffle; rand_skip skips ahead."""
+
+    def batch_param(self):
+        p = self.param.data_param
+        return p.batch_size, False, p.rand_skip
+
+    def open_source(self):
+        from ..data.db import LmdbSource
+        p = self.param.data_param
+        if not p.source:
+            raise VggcaffeError(f"layer '{self.name}' (Data): data_param.source is not set")
+        t = self.param.transform_param
+        return LmdbSource(p.source, not t.force_gray, self.name)
 
 
 @register("ImageData", "IMAGE_DATA")

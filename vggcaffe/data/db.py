@@ -1,0 +1,194 @@
+"""Caffe's image databases: LMDB of Datum records, read by the Data layer and written by the tools.
+
+A Datum (caffe.proto) holds one sample: `data`, the pixels as uint8 C x H x W
+in OpenCV's BGR order (what Caffe's convert_imageset writes), or, with
+`encoded`, the bytes of a JPEG/PNG file; or `float_data`; and the `label`.
+Records are read in key order (Caffe's cursor order). vggcaffe's pipeline is
+RGB, so 3-channel pixels are turned from BGR to RGB on read and back on write:
+databases written here read the same in Caffe and the other way round.
+LevelDB (Caffe's older default backend) is not read: it has no maintained
+Python binding; a LevelDB folder gets an error saying so.
+
+Tools (Caffe's names and flags): `vggcaffe convert_imageset ROOT/ LISTFILE DB`
+writes a listing's images into an LMDB; `vggcaffe compute_image_mean DB
+[OUT.binaryproto]` writes their mean image (RGB, as the pipeline subtracts it).
+"""
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import VggcaffeError
+from ..proto import caffe_pb2
+from .image_io import load_image, read_listing, resize
+
+
+def _lmdb():
+    try:
+        import lmdb
+    except ImportError:
+        raise VggcaffeError("reading or writing an LMDB needs the lmdb package: pip install lmdb") from None
+    return lmdb
+
+
+_READERS = {}       # resolved path -> the read-only Environment (lmdb opens each once per process)
+
+
+def open_db(path, who, write=False, map_size=1 << 40):
+    """An lmdb Environment on `path` (a folder holding data.mdb); errors start with `who`.
+    Read-only ones are shared by every reader of the path in this process."""
+    path = Path(path)
+    if not write and path.resolve() in _READERS:
+        return _READERS[path.resolve()]
+    if not write:
+        if (path / "CURRENT").exists() and not (path / "data.mdb").exists():
+            raise VggcaffeError(f"{who}: {path} is a LevelDB database, which vggcaffe does not read; "
+                                f"write an LMDB with `vggcaffe convert_imageset --backend lmdb`")
+        if not (path / "data.mdb").exists():
+            raise VggcaffeError(f"{who}: {path} is not an LMDB database (no data.mdb in it)")
+    lmdb = _lmdb()
+    try:
+        env = lmdb.open(str(path), readonly=not write, lock=write, readahead=False, map_size=map_size,
+                        max_readers=512, create=write)
+    except lmdb.Error as e:
+        raise VggcaffeError(f"{who}: cannot open LMDB {path}: {e}") from None
+    if not write:
+        _READERS[path.resolve()] = env
+    return env
+
+
+def datum_to_image(datum, is_color=True, where=""):
+    """A Datum's sample as (H, W, C): uint8 RGB pixels, or float32 for float_data."""
+    if datum.encoded:
+        try:
+            with Image.open(io.BytesIO(datum.data)) as im:
+                im = im.convert("RGB" if is_color else "L")
+                a = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, UnidentifiedImageError) as e:
+            raise VggcaffeError(f"cannot decode the encoded image of {where}: {e}") from None
+        return a if a.ndim == 3 else a[:, :, None]
+    c, h, w = datum.channels, datum.height, datum.width
+    if len(datum.float_data):
+        values = np.asarray(datum.float_data, np.float32)
+    else:
+        values = np.frombuffer(datum.data, np.uint8)
+    if values.size != c * h * w or values.size == 0:
+        raise VggcaffeError(f"{where}: Datum holds {values.size} values for channels x height x width "
+                            f"{c} x {h} x {w}")
+    image = values.reshape(c, h, w).transpose(1, 2, 0)
+    return image[:, :, ::-1] if c == 3 and values.dtype == np.uint8 else image
+
+
+def image_to_datum(image, label, encode_type=""):
+    """A Datum of an (H, W, C) uint8 RGB image: raw BGR C x H x W, or encoded as jpg/png."""
+    h, w, c = image.shape
+    datum = caffe_pb2.Datum(channels=c, height=h, width=w, label=int(label))
+    if encode_type:
+        buffer = io.BytesIO()
+        Image.fromarray(image if c == 3 else image[:, :, 0]).save(buffer, {"jpg": "JPEG", "png": "PNG"}[encode_type])
+        datum.data, datum.encoded = buffer.getvalue(), True
+    else:
+        datum.data = np.ascontiguousarray((image[:, :, ::-1] if c == 3 else image).transpose(2, 0, 1)).tobytes()
+    return datum
+
+
+class _Labels:
+    """labels[indices] of an LmdbSource, read from the records (no pass over the whole DB)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getitem__(self, indices):
+        return np.array([d.label for d in self.source.datums(np.atleast_1d(indices))], np.int64)
+
+
+class LmdbSource:
+    """The records of an LMDB in key order, decoded on demand (the Data layer's source)."""
+
+    def __init__(self, path, is_color, layer):
+        self.path, self.is_color, self.who = str(path), is_color, f"layer '{layer}'"
+        self.env = open_db(path, self.who)
+        with self.env.begin() as txn:
+            self.keys = list(txn.cursor().iternext(keys=True, values=False))
+        if not self.keys:
+            raise VggcaffeError(f"{self.who}: LMDB {path} holds no records")
+        self.labels = _Labels(self)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def datums(self, indices):
+        out = []
+        with self.env.begin() as txn:
+            for i in indices:
+                datum = caffe_pb2.Datum()
+                try:
+                    datum.ParseFromString(txn.get(self.keys[i]))
+                except Exception as e:          # protobuf's DecodeError, or a missing value
+                    raise VggcaffeError(f"{self.who}: record {self.names([i])[0]} is not a Datum ({e})") from None
+                out.append(datum)
+        return out
+
+    def first_shape(self):
+        return self.get([0])[0].shape
+
+    def get(self, indices, map_fn=map):
+        pairs = list(zip(self.datums(indices), self.names(indices)))
+        return list(map_fn(lambda p: datum_to_image(p[0], self.is_color, p[1]), pairs))
+
+    def names(self, indices):
+        return [f"{self.path}[{self.keys[i].decode(errors='replace')}]" for i in indices]
+
+
+def convert_imageset(root, listing, db_path, resize_height=0, resize_width=0, shuffle=False, gray=False,
+                     encode_type="", seed=0, log=print):
+    """Caffe's convert_imageset: the images of a listing ("path label" lines) into a new
+    LMDB, keys "%08d_<path>" in listing order (or a shuffled order), optionally resized."""
+    if bool(resize_height) != bool(resize_width):
+        raise VggcaffeError("give both --resize_height and --resize_width, or neither")
+    if Path(db_path).exists():
+        raise VggcaffeError(f"{db_path} exists; convert_imageset writes a new database")
+    names, labels, lines = read_listing(listing)
+    order = np.random.default_rng(seed).permutation(len(names)) if shuffle else np.arange(len(names))
+    env = open_db(db_path, "convert_imageset", write=True)
+    txn = env.begin(write=True)
+    for count, i in enumerate(order, 1):
+        image = load_image(os.path.join(root, names[i]), not gray, listing, lines[i])
+        if resize_height:
+            image = resize(image, resize_height, resize_width)
+        key = f"{count - 1:08d}_{names[i]}".encode()
+        txn.put(key, image_to_datum(image, labels[i], encode_type).SerializeToString())
+        if count % 1000 == 0:
+            txn.commit()
+            txn = env.begin(write=True)
+            log(f"Processed {count} files.")
+    txn.commit()
+    env.close()
+    log(f"Processed {len(order)} files.")
+    return len(order)
+
+
+def compute_image_mean(db_path, output=None, log=print):
+    """Caffe's compute_image_mean: the mean image of an LMDB's records as a BlobProto
+    (1, C, H, W) in the pipeline's RGB order, written to `output` when given; returns it."""
+    source = LmdbSource(db_path, True, "compute_image_mean")
+    total, shape = None, None
+    for start in range(0, len(source), 256):
+        for image, name in zip(source.get(range(start, min(start + 256, len(source)))),
+                               source.names(range(start, min(start + 256, len(source))))):
+            if shape is None:
+                shape, total = image.shape, np.zeros(image.shape, np.float64)
+            elif image.shape != shape:
+                raise VggcaffeError(f"{name} is {image.shape[:2]}, the first record {shape[:2]}: a mean image "
+                                    f"needs one size (convert_imageset --resize_height/--resize_width)")
+            total += image
+    mean = (total / len(source)).transpose(2, 0, 1)[None].astype(np.float32)     # (1, C, H, W)
+    for c, value in enumerate(mean.reshape(mean.shape[1], -1).mean(axis=1)):
+        log(f"mean_value channel [{c}]: {value:.6g}")
+    if output:
+        from ..weights import _atomic_write, blob_proto_pieces
+        _atomic_write(output, lambda f: f.writelines(blob_proto_pieces(mean)))
+        log(f"Write to {output}")
+    return mean
