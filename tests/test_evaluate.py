@@ -215,4 +215,4 @@ def test_a_label_outside_the_nets_classes_names_the_listing_line(setup, capsys, 
     (tmp / "list.txt").write_text(f"a.png 1\na.png {label}\n")
     assert main(["test", "--model", str(model_path), "--weights", str(weights[0]), "--dense",
                  "--source", str(tmp / "list.txt"), "--root-folder", str(tmp) + "/"]) == 1
-    assert f"list.txt:2: label {label} is not one of the 5 classes of w1" in capsys.readouterr().err
+    assert f"list.txt:2): label {label} is not one of the 5 classes of w1" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""Caffe's LMDB databases: convert_imageset and compute_image_mean, Datum decoding (raw BGR,
-encoded, float), and the Data layer against ImageData on the same images."""
+"""Caffe's LMDB databases (convert_imageset, compute_image_mean, Datum decoding: raw BGR, encoded,
+float) and the Data layer against ImageData on the same images; DummyData and MemoryData."""
 import lmdb
 import numpy as np
 import pytest
@@ -136,3 +136,50 @@ def test_databases_that_cannot_be_read_are_one_line_errors(tmp_path):
         LmdbSource(tmp_path / "empty", True, "data")
     with pytest.raises(VggcaffeError, match=r"\(Data\): data_param.source is not set"):
         make_layer('name: "d" type: "Data" top: "data" data_param { batch_size: 1 }', [], n_tops=1)
+
+
+def test_dense_testing_reads_an_lmdb_source(tmp_path, images):
+    from vggcaffe.evaluate import ImageSet
+    _, _, arrays, labels = images
+    db = convert(tmp_path, images, "db")
+    chunks = list(ImageSet(db).chunks(3))
+    assert [list(i) for i, _ in chunks] == [[0, 1, 2], [3, 4]]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), np.stack(arrays))
+    np.testing.assert_array_equal(ImageSet(db).labels, labels)
+
+
+def test_dummy_data_fills_constant_tops_once_and_random_ones_every_forward():
+    text = ('name: "d" type: "DummyData" top: "a" top: "b" dummy_data_param { '
+            'shape { dim: 2 dim: 3 } shape { dim: 4 } '
+            'data_filler { type: "constant" value: 7 } data_filler { type: "gaussian" std: 2 } }')
+    layer, _, top = make_layer(text, [], n_tops=2, seed=3)
+    first = top[1].data.copy()
+    layer.forward([], top)
+    assert top[0].shape == (2, 3) and (top[0].data == 7).all()
+    assert top[1].shape == (4,) and not np.array_equal(first, top[1].data)
+    legacy = 'name: "d" type: "DummyData" top: "a" dummy_data_param { num: 2 channels: 1 height: 3 width: 4 }'
+    _, _, top = make_layer(legacy, [], n_tops=1)
+    assert top[0].shape == (2, 1, 3, 4) and not top[0].data.any()
+    with pytest.raises(VggcaffeError, match=r"\(DummyData\) gives 1 shapes for 2 tops"):
+        make_layer('name: "d" type: "DummyData" top: "a" top: "b" dummy_data_param { shape { dim: 1 } }', [],
+                   n_tops=2)
+
+
+def test_memory_data_serves_the_arrays_set_on_the_net_in_batches():
+    from vggcaffe.net import Net
+    from vggcaffe.prototxt import parse_text
+    text = ('layer { name: "mem" type: "MemoryData" top: "data" top: "label" '
+            'memory_data_param { batch_size: 2 channels: 1 height: 2 width: 2 } }')
+    net = Net(parse_text(text, caffe_pb2.NetParameter()))
+    with pytest.raises(VggcaffeError, match="call net.set_input_arrays first"):
+        net.forward()
+    data = np.arange(4 * 4, dtype=np.float32).reshape(4, 1, 2, 2)
+    net.set_input_arrays(data, np.array([0, 1, 2, 3], np.float32))
+    for start in (0, 2, 0):                                            # wraps around
+        out = net.forward()
+        np.testing.assert_array_equal(out["data"], data[start:start + 2])
+        np.testing.assert_array_equal(out["label"], [start, start + 1])
+    with pytest.raises(VggcaffeError, match="3 samples is not a positive multiple of batch_size 2"):
+        net.set_input_arrays(data[:3], np.zeros(3))
+    with pytest.raises(VggcaffeError, match=r"the layer takes \(N, 1, 2, 2\)"):
+        net.set_input_arrays(np.zeros((2, 3, 2, 2)), np.zeros(2))

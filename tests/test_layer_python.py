@@ -10,6 +10,7 @@ from vggcaffe.prototxt import parse_text
 MODULE = '''
 import json
 import numpy as np
+import vggcaffe
 
 class Twice:
     def setup(self, bottom, top):
@@ -25,10 +26,7 @@ class Twice:
     def backward(self, top, propagate_down, bottom):
         bottom[0].diff[...] = self.factor * top[0].diff
 
-class Noise:
-    def setup(self, bottom, top):
-        pass
-
+class Noise(vggcaffe.Layer):          # pycaffe's caffe.Layer: setup and backward inherited
     def reshape(self, bottom, top):
         top[0].reshape(3)
 

@@ -40,7 +40,7 @@ def test_the_descriptor_is_the_last_inner_products_input(setup):
 def test_descriptor_is_the_mean_map_of_image_and_mirror_stacked_over_scales(setup):
     model, weights, npz = setup
     m = FeatureModel(model, weights[0], dtype=np.float64)
-    images = ImageSet(npz, "test").npz.images[:3]
+    images = ImageSet(npz, "test").source.images[:3]
     parts = []
     for q in (10, 14):
         x = m.prepare(images, q)

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vggcaffe.net import filter_net  # noqa: E402
+from vggcaffe.graph import filter_net  # noqa: E402
 from vggcaffe.proto import caffe_pb2  # noqa: E402
 from vggcaffe.prototxt import read_net, read_solver  # noqa: E402
 from vggcaffe.solver import Plateau, learning_rate  # noqa: E402

@@ -26,4 +26,7 @@ def __getattr__(name):
     if name == "SGDSolver":
         from .solver import SGDSolver
         return SGDSolver
+    if name == "Layer":             # the base of Python layers (pycaffe's caffe.Layer)
+        from .layers.python import PythonLayerBase
+        return PythonLayerBase
     raise AttributeError(name)

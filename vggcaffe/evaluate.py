@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .data.image_io import load_image, read_listing
-from .data.sources import NpzSource
+from .data.sources import ListingSource, NpzSource
 from .data.transforms import Transformer
 from .errors import VggcaffeError
 from .memory import share_data
@@ -164,47 +163,48 @@ def _data_source(param):
     """(path, split or root folder, listing?) of a train_val's TEST data layer."""
     from .surgery import test_data_layer
     layer = test_data_layer(param)
-    if layer is None or layer.type not in ("NpzData", "ImageData"):
+    if layer is None or layer.type not in ("NpzData", "ImageData", "Data"):
         return None
     if layer.type == "NpzData":
         return layer.npz_data_param.source, layer.npz_data_param.split or "test"
+    if layer.type == "Data":
+        return layer.data_param.source, ""
     return layer.image_data_param.source, layer.image_data_param.root_folder
 
 
 # ------------------------------------------------------------------ images and labels
 
 class ImageSet:
-    """Test images from an .npz (x_<split>, y_<split>) or a Caffe listing, read in chunks."""
+    """Test images with their labels: an .npz (x_<split>, y_<split>), a Caffe listing, or an
+    LMDB folder of Datums (vggcaffe/data/db.py), read in chunks."""
 
     def __init__(self, path, split="test", root_folder=""):
         self.path = str(path)
         if self.path.endswith(".npz"):
-            self.npz = NpzSource(self.path, split, 0, "test source")
-            self.labels = self.npz.labels.astype(np.int64)
+            self.source = NpzSource(self.path, split, 0, "test source")
+        elif Path(self.path).is_dir():
+            from .data.db import LmdbSource
+            self.source = LmdbSource(self.path, True, "test source")
         else:
-            self.npz = None
-            self.paths, self.labels, self.lines = read_listing(self.path, root_folder)
+            self.source = ListingSource(self.path, root_folder, True, 0, 0, "test source")
+        self.labels = np.asarray(self.source.labels[np.arange(len(self.source))], np.int64)
 
     def __len__(self):
         return len(self.labels)
 
     def check_labels(self, classes, model):
-        """Raise naming the first label outside 0..classes-1 (and its listing line)."""
+        """Raise naming the first label outside 0..classes-1 (and where it comes from)."""
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= classes))
         if len(bad):
             i = bad[0]
-            where = f"{self.path}:{self.lines[i]}" if self.npz is None else f"{self.path}[y_{self.npz.split}][{i}]"
-            raise VggcaffeError(f"{where}: label {self.labels[i]} is not one of the {classes} classes of {model} "
-                                f"({len(bad)} such label{'s' if len(bad) > 1 else ''})")
+            raise VggcaffeError(f"{self.source.names([i])[0]}: label {self.labels[i]} is not one of the "
+                                f"{classes} classes of {model} ({len(bad)} such label{'s' if len(bad) > 1 else ''})")
 
     def chunks(self, size):
         """(indices, images (n, H, W, C)) of one size at a time, `size` images at most."""
         for start in range(0, len(self), size):
             index = np.arange(start, min(start + size, len(self)))
-            if self.npz is not None:
-                yield index, self.npz.images[index]
-                continue
-            images = [load_image(self.paths[i], True, self.path, self.lines[i]) for i in index]
+            images = self.source.get(index)
             for shape in dict.fromkeys(im.shape for im in images):
                 same = [j for j, im in enumerate(images) if im.shape == shape]
                 yield index[same], np.stack([images[j] for j in same])

@@ -1,12 +1,13 @@
 """Net: a prototxt built into layers and blobs for one phase, with forward and backward.
 
-Caffe's Net::Init, step by step: filter layers by the NetState's include/exclude
-rules; insert hidden Split layers where a blob feeds several consumers (so
-gradients are summed); wire bottoms and tops (a top named like its bottom is
-in place); set up params with lr_mult/decay_mult and sharing by name; decide
-which layers need backward (loss weights, propagate_down, force_backward).
-The Python API mirrors pycaffe: net.blobs, net.params, net.forward(**inputs),
-net.backward(**diffs), net.save(path), net.copy_from(path).
+Caffe's Net::Init, step by step: filter layers by the NetState's include /
+exclude rules and insert hidden Split layers where a blob feeds several
+consumers, so gradients are summed (both in vggcaffe/graph.py); wire bottoms
+and tops (a top named like its bottom is in place); set up params with
+lr_mult/decay_mult and sharing by name; decide which layers need backward
+(loss weights, propagate_down, force_backward). The Python API mirrors
+pycaffe: net.blobs, net.params, net.forward(**inputs), net.backward(**diffs),
+net.save(path), net.copy_from(path), net.set_input_arrays(data, labels).
 """
 from collections import OrderedDict
 from pathlib import Path
@@ -17,102 +18,9 @@ from . import backend
 from . import layers as layer_registry  # importing it registers every layer type
 from .blob import Blob
 from .errors import VggcaffeError
+from .graph import PHASES, available_blobs, filter_net, insert_splits, net_state
 from .proto import caffe_pb2
 from .prototxt import layer_lines, read_text, upgrade_net
-
-PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
-
-
-def state_meets_rule(state, rule):
-    if rule.HasField("phase") and rule.phase != state.phase:
-        return False
-    if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
-    stages = set(state.stage)
-    return all(s in stages for s in rule.stage) and not any(s in stages for s in rule.not_stage)
-
-
-def net_state(net_param, phase, extra=None, level=0, stages=()):
-    """The NetState a net of `net_param` is built with, as in Caffe: the phase, over it the
-    net's own `state`, over that `extra` (a solver's train_state or test_state); without
-    `extra`, pycaffe's Net(model, phase, level, stages): the stages added, the level set."""
-    state = caffe_pb2.NetState()
-    state.MergeFrom(net_param.state)
-    if extra is not None:
-        state.MergeFrom(extra)
-    else:
-        state.stage.extend(stages)
-        state.level = level
-    state.phase = PHASES[phase]
-    return state
-
-
-def filter_net(net_param, state):
-    """The layers of `net_param` that `state` keeps (Caffe's FilterNet)."""
-    kept = caffe_pb2.NetParameter()
-    kept.CopyFrom(net_param)
-    kept.ClearField("layer")
-    for layer in net_param.layer:
-        if layer.include and layer.exclude:
-            raise VggcaffeError(f"layer '{layer.name}' has both include and exclude rules; use one")
-        if layer.include:
-            keep = any(state_meets_rule(state, r) for r in layer.include)
-        else:
-            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
-        if keep:
-            kept.layer.add().CopyFrom(layer)
-    return kept
-
-
-def insert_splits(net_param, default_loss):
-    """Caffe's InsertSplits: give each extra consumer of a blob its own copy via a Split layer.
-
-    `default_loss(layer_param)` is the loss weight of a layer's first top when
-    the prototxt gives none. Returns a new NetParameter.
-    """
-    consumers, producer = {}, {}
-    for li, layer in enumerate(net_param.layer):
-        for bi, name in enumerate(layer.bottom):
-            key = producer.get(name, (None, name))
-            consumers.setdefault(key, []).append((li, bi))
-        for ti, name in enumerate(layer.top):
-            producer[name] = (li, name)
-            weights = list(layer.loss_weight) or ([default_loss(layer)] if ti == 0 else [])
-            if ti < len(weights) and weights[ti] != 0:
-                consumers.setdefault((li, name), []).append(("loss", ti))
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net_param)
-    out.ClearField("layer")
-    renamed = {}
-    for li, layer in enumerate(net_param.layer):
-        new = caffe_pb2.LayerParameter()
-        new.CopyFrom(layer)
-        for bi, name in enumerate(layer.bottom):
-            if (li, bi) in renamed:
-                new.bottom[bi] = renamed[(li, bi)]
-        added = out.layer.add()
-        added.CopyFrom(new)
-        for ti, name in enumerate(layer.top):
-            users = consumers.get((li, name), [])
-            if len(users) <= 1:
-                continue
-            base = f"{name}_{layer.name}_{ti}_split"
-            split = out.layer.add(name=base, type="Split", bottom=[name])
-            for k, (u, b) in enumerate(users):
-                split.top.append(f"{base}_{k}")
-                if u != "loss":
-                    renamed[(u, b)] = f"{base}_{k}"
-                    continue
-                # The loss moves onto the split's top, as in Caffe.
-                weights = list(layer.loss_weight) or [default_loss(layer)]
-                weights += [0.0] * (len(layer.top) - len(weights))
-                split.loss_weight.extend([0.0] * k + [weights[ti]])
-                weights[ti] = 0.0
-                added.ClearField("loss_weight")
-                added.loss_weight.extend(weights)
-    return out
 
 
 class Net:
@@ -200,7 +108,7 @@ class Net:
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         split_tops = {name for lp in split_param.layer if lp.type == "Split" for name in lp.top}
         self.blobs = OrderedDict((k, b) for k, b in self._all_blobs.items() if k not in split_tops)
-        self.outputs = sorted(name for name in _available_blobs(split_param) if name in self.blobs)
+        self.outputs = sorted(name for name in available_blobs(split_param) if name in self.blobs)
         self._top_names = [list(lp.top) for lp in split_param.layer]
         self._setup_params(split_param)
         self._setup_backward(split_param)
@@ -447,6 +355,14 @@ class Net:
         names = list(self.inputs) + [b for b in (diffs or []) if b not in self.inputs]
         return {name: self.blobs[name].diff for name in names}
 
+    def set_input_arrays(self, data, labels, layer=None):
+        """pycaffe's: give the (first, or named) MemoryData layer its arrays, data (N, C, H, W)
+        and labels (N,), N a multiple of its batch_size; forward takes batches in turn."""
+        memory = [n for n, lay in self.layer_dict.items() if lay.type == "MemoryData" and layer in (None, n)]
+        if not memory:
+            raise VggcaffeError(f"net '{self.name}' has no MemoryData layer" + (f" named '{layer}'" if layer else ""))
+        self.layer_dict[memory[0]].set_arrays(data, labels)
+
     def clear_param_diffs(self):
         for blob in self.learnable_params:
             blob.diff[...] = 0
@@ -476,16 +392,6 @@ class Net:
 def _is_phase(value):
     return (isinstance(value, str) and value.upper() in PHASES) or (
         isinstance(value, int) and value in PHASES.values())
-
-
-def _available_blobs(net_param):
-    """The blobs left after the last layer (Caffe's net outputs): each layer uses up its
-    bottoms and makes its tops, so an in-place layer's top stays available."""
-    available = set()
-    for lp in net_param.layer:
-        available.difference_update(lp.bottom)
-        available.update(lp.top)
-    return available
 
 
 def _copy(message):

@@ -76,7 +76,7 @@ def abort_if_parallel(message, status=1, details=""):
 def split_global_batch(source, size, state=None):
     """The TRAIN net of `source` (path or NetParameter; `state` as Net's) with each data
     layer's batch_size divided by `size` (the solver's `global_batch: true`)."""
-    from .net import filter_net, net_state
+    from .graph import filter_net, net_state
     from .proto import caffe_pb2
     from .prototxt import read_text, upgrade_net
     if isinstance(source, caffe_pb2.NetParameter):

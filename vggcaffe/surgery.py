@@ -23,7 +23,8 @@ from which vggcaffe/evaluate.py derives the paper's test scales Q.
 import numpy as np
 
 from .errors import VggcaffeError
-from .net import Net, filter_net
+from .graph import filter_net
+from .net import Net
 from .proto import caffe_pb2
 from .prototxt import read_net, upgrade_net
 from .weights import read_weights

@@ -13,12 +13,30 @@ are CuPy arrays: write host arrays through `vggcaffe.backend.array_module(b.data
 vggcaffe also sets `layer_param` (the whole LayerParameter: a data layer can
 read its transform_param) and `rng` (a NumPy Generator seeded by the net, so
 solver runs with a random_seed repeat). Python layers have no learnable
-parameters here (Caffe's `self.blobs` is not supported).
+parameters here (Caffe's `self.blobs` is not supported). A class may derive
+from `vggcaffe.Layer` (PythonLayerBase), as pycaffe code derives from caffe.Layer.
 """
 import importlib
 
 from ..errors import VggcaffeError
 from .base import Layer, register
+
+
+class PythonLayerBase:
+    """The base of a Python layer's class (pycaffe's caffe.Layer): the net sets param_str,
+    phase, layer_param, rng and name, then calls setup, reshape, forward and backward."""
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        raise NotImplementedError(f"Python layer {type(self).__name__} has no forward")
+
+    def backward(self, top, propagate_down, bottom):
+        pass
 
 
 @register("Python")
