@@ -265,3 +265,18 @@ def test_a_refused_propagate_down_names_the_blob_not_its_hidden_split():
 def test_a_negative_input_dimension_is_an_error():
     with pytest.raises(VggcaffeError, match=r"\(Input\): shape \(-1, 4\) of top 'x' has a negative dimension"):
         build('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: -1 dim: 4 } } }')
+
+
+def test_pycaffe_names_forward_all_and_get_solver(tmp_path):
+    import vggcaffe
+    net = build(HEAD + ip("a", "x", "a") + ip("b", "x", "b"), phase="TEST")
+    assert net.top_names["a"] == ["a"] and net.bottom_names["a"] == ["x_x_0_split_0"]
+    assert net.bottom_names["x_x_0_split"] == ["x"]
+    x = np.random.default_rng(0).standard_normal((7, 4))                  # 7 samples, batches of 3
+    out = net.forward_all(x=x, t=np.zeros((7, 2)))
+    assert out["a"].shape == (7, 2)
+    for i in range(7):
+        np.testing.assert_allclose(out["a"][i], net.forward(x=x[i:i + 1], t=np.zeros((1, 2)))["a"][0])
+    (tmp_path / "s.prototxt").write_text(f'net_param {{ {HEAD} {ip("a", "x", "a")} {euclid("l", "a", "t")} }} '
+                                         'base_lr: 0.1 lr_policy: "fixed" max_iter: 1 snapshot_after_train: false')
+    assert isinstance(vggcaffe.get_solver(str(tmp_path / "s.prototxt")), vggcaffe.SGDSolver)

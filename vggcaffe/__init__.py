@@ -18,6 +18,12 @@ TRAIN = "TRAIN"
 TEST = "TEST"
 
 
+def get_solver(path):
+    """pycaffe's get_solver: the solver a solver prototxt describes (vggcaffe's is SGD)."""
+    from .solver import SGDSolver
+    return SGDSolver(path)
+
+
 def __getattr__(name):
     # Net and SGDSolver pull in every layer module; load them on first use.
     if name == "Net":

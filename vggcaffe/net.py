@@ -110,6 +110,7 @@ class Net:
         self.blobs = OrderedDict((k, b) for k, b in self._all_blobs.items() if k not in split_tops)
         self.outputs = sorted(name for name in available_blobs(split_param) if name in self.blobs)
         self._top_names = [list(lp.top) for lp in split_param.layer]
+        self._bottom_names = [list(lp.bottom) for lp in split_param.layer]
         self._setup_params(split_param)
         self._setup_backward(split_param)
 
@@ -354,6 +355,34 @@ class Net:
         self.backward_all(start, end)
         names = list(self.inputs) + [b for b in (diffs or []) if b not in self.inputs]
         return {name: self.blobs[name].diff for name in names}
+
+    @property
+    def top_names(self):
+        """pycaffe's: {layer name: its top blob names}, hidden Split layers included."""
+        return OrderedDict(zip(self._layer_names, self._top_names))
+
+    @property
+    def bottom_names(self):
+        """pycaffe's: {layer name: its bottom blob names} (a Split's tops where one was inserted)."""
+        return OrderedDict(zip(self._layer_names, self._bottom_names))
+
+    def forward_all(self, blobs=None, **inputs):
+        """pycaffe's: forward over inputs of any number of samples, in batches of the input
+        blobs' batch size; returns {output (and `blobs`): the outputs of every sample}."""
+        if not inputs:
+            raise VggcaffeError("forward_all needs the inputs, e.g. forward_all(data=images)")
+        counts = {len(v) for v in inputs.values()}
+        if len(counts) != 1:
+            raise VggcaffeError(f"forward_all inputs have different sample counts: {sorted(counts)}")
+        n, first = counts.pop(), next(iter(inputs))
+        if first not in self.inputs:
+            raise VggcaffeError(f"'{first}' is not a net input; inputs are {self.inputs}")
+        batch, outs = self.blobs[first].shape[0], {}
+        for start in range(0, n, batch):
+            part = self.forward(blobs, **{k: v[start:start + batch] for k, v in inputs.items()})
+            for name, value in part.items():
+                outs.setdefault(name, []).append(backend.to_numpy(value).copy())
+        return {name: np.concatenate(parts) for name, parts in outs.items()}
 
     def set_input_arrays(self, data, labels, layer=None):
         """pycaffe's: give the (first, or named) MemoryData layer its arrays, data (N, C, H, W)

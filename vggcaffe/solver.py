@@ -288,16 +288,17 @@ class SGDSolver:
     def test(self, index, net):
         log(f"Iteration {self.iter}, Testing net (#{index})", root=self.is_root)
         n = self.param.test_iter[index]
-        sums, loss = None, 0.0
+        if n < 1:
+            return []
+        outputs, sums, loss = [], 0.0, 0.0
         for _ in range(n):
             loss += net.forward_loss()
             outputs = self._outputs(net)
-            values = np.array([value for _, _, value in outputs])
-            sums = values if sums is None else sums + values
+            sums = sums + np.array([value for _, _, value in outputs])
         results = []
         if self.param.test_compute_loss:
             log(f"Test loss: {loss / n:.6g}", root=self.is_root)
-        for k, ((name, w, _), total) in enumerate(zip(outputs if n else [], sums if n else [])):
+        for k, ((name, w, _), total) in enumerate(zip(outputs, sums)):
             value = float(total) / n
             suffix = f" (* {w:g} = {w * value:.6g} loss)" if w else ""
             log(f"    Test net output #{k}: {name} = {value:.6g}{suffix}", root=self.is_root)
