@@ -1,4 +1,5 @@
-"""The command line's argument checks: a wrong number or a missing folder is one line from argparse."""
+"""The command line's argument checks (vggcaffe/argtypes.py): a wrong number or a missing folder is one
+line from argparse."""
 import pytest
 
 from vggcaffe.cli import main

@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 import traceback
-from pathlib import Path
 
+from . import argtypes
 from .errors import VggcaffeError
 
 
@@ -152,64 +152,12 @@ def cmd_init_from_a(args):
     print(f"wrote {args.output}: start training with --weights {args.output}")
 
 
-def _count(minimum):
-    """argparse type: an integer of at least `minimum`."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _number(text, ok, wanted):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
-    return value
-
-
-def _positive(text):
-    """argparse type: a number above 0."""
-    return _number(text, lambda v: v > 0, "above 0")
-
-
-def _fraction(text):
-    """argparse type: a number in [0, 1]."""
-    return _number(text, lambda v: 0 <= v <= 1, "between 0 and 1")
-
-
-def _sizes(text):
-    """argparse type: comma-separated image sizes, e.g. 256,384,512 -> [256, 384, 512]."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes in pixels") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text}")
-    return values
-
-
-def _output(text):
-    """argparse type: a path to write, in a folder that exists."""
-    folder = Path(text).parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
-    return text
-
-
 def _stages(args):
     return [s for s in (args.stage or "").split(",") if s]
 
 
 def _common(p):
-    p.add_argument("--gpu", "-gpu", type=_count(0), default=None, help="run on this GPU (default: CPU)")
+    p.add_argument("--gpu", "-gpu", type=argtypes.count(0), default=None, help="run on this GPU (default: CPU)")
     p.add_argument("--level", "-level", type=int, default=0, help="net state level")
     p.add_argument("--stage", "-stage", default="", help="comma-separated net state stages")
 
@@ -220,13 +168,13 @@ def _evaluation_flags(p):
     p.add_argument("--multi-crop", action="store_true", help="grid x grid crops and their mirrors per scale")
     p.add_argument("--combine", action="store_true", help="also report dense + multi-crop (implies both)")
     p.add_argument("--flip", action="store_true", help="dense: average with the mirrored image's posteriors")
-    p.add_argument("--scales", type=_sizes, help="test scales Q, e.g. 256,384,512 (default: from the training scale S)")
-    p.add_argument("--grid", type=_count(1), default=5, help="multi-crop grid side (default 5: 50 crops per scale)")
+    p.add_argument("--scales", type=argtypes.sizes, help="test scales Q, e.g. 256,384,512 (default: from the training scale S)")
+    p.add_argument("--grid", type=argtypes.count(1), default=5, help="multi-crop grid side (default 5: 50 crops per scale)")
     p.add_argument("--fuse", default="", help="more models to fuse: MODEL:WEIGHTS,... (MODEL may be empty)")
     p.add_argument("--source", help=".npz (x_<split>, y_<split>) or image listing (default: the TEST data layer's)")
     p.add_argument("--split", default=None, help="npz split (default: the data layer's, else test)")
     p.add_argument("--root-folder", default=None, help="prefix for listing paths")
-    p.add_argument("--batch", type=_count(1), default=50, help="images per forward pass (default 50)")
+    p.add_argument("--batch", type=argtypes.count(1), default=50, help="images per forward pass (default 50)")
 
 
 def _precision_flag(p):
@@ -241,7 +189,7 @@ def build_parser():
     p = sub.add_parser("summary", help="table of layers, top shapes, params and multiply-adds")
     p.add_argument("model", help="net prototxt")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"])
-    p.add_argument("--batch", type=_count(1), default=1, help="batch size for the Input layer (default 1)")
+    p.add_argument("--batch", type=argtypes.count(1), default=1, help="batch size for the Input layer (default 1)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help="train a net with a solver prototxt")
@@ -258,7 +206,7 @@ def build_parser():
     p.add_argument("--model", "-model", help="net prototxt (with --dense/--multi-crop: a train_val or deploy "
                    "net; left out, it is inferred from the weights, see vggcaffe/evaluate.py infer_model)")
     p.add_argument("--weights", "-weights", help="weights (.npz or .caffemodel)")
-    p.add_argument("--iterations", "-iterations", type=_count(1), default=50)
+    p.add_argument("--iterations", "-iterations", type=argtypes.count(1), default=50)
     p.add_argument("--phase", "-phase", default="TEST", choices=["TRAIN", "TEST"])
     _evaluation_flags(p)
     _common(p)
@@ -266,8 +214,8 @@ def build_parser():
 
     p = sub.add_parser("time", help="Caffe's benchmark: average forward/backward ms per layer, totals, img/s")
     p.add_argument("--model", "-model", required=True, help="net prototxt (data layers become synthetic inputs)")
-    p.add_argument("--iterations", "-iterations", type=_count(1), default=50)
-    p.add_argument("--batch", type=_count(1), default=None, help="batch size (default: the data or Input layer's)")
+    p.add_argument("--iterations", "-iterations", type=argtypes.count(1), default=50)
+    p.add_argument("--batch", type=argtypes.count(1), default=None, help="batch size (default: the data or Input layer's)")
     p.add_argument("--phase", "-phase", default="TRAIN", choices=["TRAIN", "TEST"])
     _precision_flag(p)
     _common(p)
@@ -277,7 +225,7 @@ def build_parser():
     p.add_argument("--fully-conv", action="store_true", help="fc6 -> kxk conv (k = pool5's size), fc7/fc8 -> 1x1")
     p.add_argument("model", help="deploy or train_val prototxt")
     p.add_argument("weights", help="its weights (.npz or .caffemodel)")
-    p.add_argument("-o", "--output", type=_output, required=True, help="writes OUTPUT.prototxt and OUTPUT.npz (or .caffemodel)")
+    p.add_argument("-o", "--output", type=argtypes.output_path, required=True, help="writes OUTPUT.prototxt and OUTPUT.npz (or .caffemodel)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("init_from_a", help="the paper's pre-initialisation: net A's first conv and last fc "
@@ -285,9 +233,9 @@ def build_parser():
     p.add_argument("--source-model", required=True, help="net A's prototxt (deploy or train_val)")
     p.add_argument("--source-weights", required=True, help="net A's trained weights (.npz or .caffemodel)")
     p.add_argument("--model", required=True, help="the deeper net's prototxt")
-    p.add_argument("-o", "--output", type=_output, required=True, help="output .npz, for train --weights")
-    p.add_argument("--conv", type=_count(0), default=4, help="how many of A's first conv layers (default 4)")
-    p.add_argument("--fc", type=_count(0), default=3, help="how many of A's last fc layers (default 3)")
+    p.add_argument("-o", "--output", type=argtypes.output_path, required=True, help="output .npz, for train --weights")
+    p.add_argument("--conv", type=argtypes.count(0), default=4, help="how many of A's first conv layers (default 4)")
+    p.add_argument("--fc", type=argtypes.count(0), default=3, help="how many of A's last fc layers (default 3)")
     p.set_defaults(func=cmd_init_from_a)
 
     p = sub.add_parser("transfer", help="appendix B: a trained net's descriptors of another dataset, "
@@ -296,15 +244,15 @@ def build_parser():
     p.add_argument("--model", "-model", help="train_val or deploy net (default: inferred from the weights)")
     p.add_argument("--source", required=True, help=".npz with x_train, y_train, x_test, y_test "
                    "(e.g. ../shared/data/transfer/caltech101_32.npz)")
-    p.add_argument("--scales", type=_sizes, help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
+    p.add_argument("--scales", type=argtypes.sizes, help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
     p.add_argument("--aggregate", choices=["stack", "average"], default="stack",
                    help="combine the scales' descriptors by stacking (default) or averaging")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
     p.add_argument("--layer", help="descriptor blob (default: the bottom of the last InnerProduct, fc7)")
     p.add_argument("--fuse", default="", help="more models whose descriptors are stacked: MODEL:WEIGHTS,...")
-    p.add_argument("--svm-c", type=_positive, default=None, help="the SVM's C (default: cross-validated)")
-    p.add_argument("--features", type=_output, help="also write the descriptors to this .npz")
-    p.add_argument("--batch", type=_count(1), default=50, help="images per forward pass (default 50)")
+    p.add_argument("--svm-c", type=argtypes.positive, default=None, help="the SVM's C (default: cross-validated)")
+    p.add_argument("--features", type=argtypes.output_path, help="also write the descriptors to this .npz")
+    p.add_argument("--batch", type=argtypes.count(1), default=50, help="images per forward pass (default 50)")
     _common(p)
     p.set_defaults(func=cmd_transfer)
 
@@ -315,13 +263,13 @@ def build_parser():
     p.add_argument("--scr", action="store_true", help="single-class regression (4 outputs; default: per-class)")
     p.add_argument("--finetune", choices=["all", "fc"], default="all",
                    help="fine-tune all layers (default) or only the fully-connected ones")
-    p.add_argument("--scales", type=_sizes, help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
-    p.add_argument("--batch", type=_count(1), default=32, help="training batch size (default 32)")
-    p.add_argument("--max-iter", type=_count(1), default=1000, help="solver max_iter (default 1000)")
-    p.add_argument("--base-lr", type=_positive, default=0.001, help="solver base_lr (default 0.001, the paper's)")
+    p.add_argument("--scales", type=argtypes.sizes, help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
+    p.add_argument("--batch", type=argtypes.count(1), default=32, help="training batch size (default 32)")
+    p.add_argument("--max-iter", type=argtypes.count(1), default=1000, help="solver max_iter (default 1000)")
+    p.add_argument("--base-lr", type=argtypes.positive, default=0.001, help="solver base_lr (default 0.001, the paper's)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="val")
-    p.add_argument("-o", "--output", type=_output, required=True, help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
+    p.add_argument("-o", "--output", type=argtypes.output_path, required=True, help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
     p.set_defaults(func=cmd_localize_net)
 
     p = sub.add_parser("localize", help="appendix A: localisation error of a box regressor (central crop; "
@@ -332,10 +280,10 @@ def build_parser():
     p.add_argument("--classifier-model", help="its train_val or deploy net (default: inferred)")
     p.add_argument("--source", help="box folder (default: the regressor's TEST data layer's)")
     p.add_argument("--split", default=None, help="split of the box folder (default: the TEST layer's, else val)")
-    p.add_argument("--scales", type=_sizes, help="dense test scales Q (default: the training scale S)")
-    p.add_argument("--merge-iou", type=_fraction, default=0.5, help="greedy merging joins boxes overlapping this much")
+    p.add_argument("--scales", type=argtypes.sizes, help="dense test scales Q (default: the training scale S)")
+    p.add_argument("--merge-iou", type=argtypes.fraction, default=0.5, help="greedy merging joins boxes overlapping this much")
     p.add_argument("--fuse", default="", help="more regressors whose boxes join the merge: MODEL:WEIGHTS,...")
-    p.add_argument("--min-inside", type=_fraction, default=0.75,
+    p.add_argument("--min-inside", type=argtypes.fraction, default=0.75,
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
     _common(p)
     p.set_defaults(func=cmd_localize)
@@ -344,9 +292,9 @@ def build_parser():
                                                  "Datums (for the Data layer)")
     p.add_argument("root_folder", help="prefix of the listing's paths (e.g. images/)")
     p.add_argument("listfile", help="listing: '<path> <label>' per line")
-    p.add_argument("db_name", type=_output, help="the LMDB folder to create")
-    p.add_argument("--resize_height", "-resize_height", type=_count(0), default=0)
-    p.add_argument("--resize_width", "-resize_width", type=_count(0), default=0)
+    p.add_argument("db_name", type=argtypes.output_path, help="the LMDB folder to create")
+    p.add_argument("--resize_height", "-resize_height", type=argtypes.count(0), default=0)
+    p.add_argument("--resize_width", "-resize_width", type=argtypes.count(0), default=0)
     p.add_argument("--shuffle", "-shuffle", action="store_true", help="write the images in a random order")
     p.add_argument("--gray", "-gray", action="store_true", help="store greyscale images")
     p.add_argument("--encoded", "-encoded", action="store_true", help="store the images encoded (smaller)")
@@ -357,7 +305,7 @@ def build_parser():
 
     p = sub.add_parser("compute_image_mean", help="Caffe's tool: the mean image of an LMDB, for mean_file")
     p.add_argument("input_db", help="an LMDB of Datums (convert_imageset's output)")
-    p.add_argument("output_file", nargs="?", type=_output, help="write the mean here (.binaryproto)")
+    p.add_argument("output_file", nargs="?", type=argtypes.output_path, help="write the mean here (.binaryproto)")
     p.add_argument("--backend", "-backend", default="lmdb", choices=["lmdb"], help="lmdb (the only one read)")
     p.set_defaults(func=cmd_compute_image_mean)
 
@@ -365,7 +313,7 @@ def build_parser():
     p.add_argument("source", help=".npz (uint8 NHWC under x_<split>) or a Caffe image listing")
     p.add_argument("--split", default="train")
     p.add_argument("--root-folder", "-root_folder", default="", help="prefix for listing paths")
-    p.add_argument("--limit", type=_count(0), default=0, help="use only the first N images (0 = all)")
+    p.add_argument("--limit", type=argtypes.count(0), default=0, help="use only the first N images (0 = all)")
     p.set_defaults(func=cmd_compute_pca)
     return parser
 
