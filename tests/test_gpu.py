@@ -154,6 +154,34 @@ def test_fused_sgd_matches_caffe_update(l1, iter_size):
         np.testing.assert_allclose(cupy.asnumpy(b.data), w, rtol=1e-6, atol=1e-7)
 
 
+DUMMY_LOSS_NET = """
+layer { name: "x" type: "DummyData" top: "x" top: "label" dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
+        data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 2 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("kind", ["Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"])
+def test_other_solver_types_step_as_on_numpy(kind):
+    """Solver types other than SGD run as elementwise CuPy (the fused kernel is SGD's):
+    three steps give the weights NumPy gives."""
+    from vggcaffe.solver import SGDSolver
+    weights = {}
+    for gpu in (False, True):
+        (backend.set_mode_gpu if gpu else backend.set_mode_cpu)()
+        param = caffe_pb2.SolverParameter(net_param=text_format.Parse(DUMMY_LOSS_NET, caffe_pb2.NetParameter()),
+                                          type=kind, base_lr=0.1, lr_policy="fixed", weight_decay=5e-4,
+                                          momentum=0 if kind in ("AdaGrad", "RMSProp") else 0.9, max_iter=3,
+                                          display=0, random_seed=3, snapshot_after_train=False)
+        solver = SGDSolver(param)
+        solver.step(3)
+        weights[gpu] = [backend.to_numpy(b.data) for b in solver.net.learnable_params]
+    for g, c in zip(weights[True], weights[False]):
+        assert rel_err(g, c) <= 1e-5
+
+
 # --- convolution (cuDNN) -----------------------------------------------------------
 CONV = {
     "3x3_pad1": ("num_output: 8 kernel_size: 3 pad: 1", (2, 5, 9, 9)),

@@ -356,3 +356,70 @@ def test_damaged_solver_states_are_one_line_errors(tmp_path):
     state.write_bytes(s.SerializeToString())
     with pytest.raises(VggcaffeError, match="random generator states are damaged"):
         make_solver().restore(state)
+
+
+def caffe_step(kind, w, g, hist, rate, t, momentum=0.9, momentum2=0.999, rms_decay=0.98, delta=1e-8):
+    """One update of Caffe's solver `kind`, written from its C++ (ComputeUpdateValue + Update)."""
+    h, h2 = hist
+    if kind == "SGD":
+        h[:] = momentum * h + rate * g
+        step = h.copy()
+    elif kind == "Nesterov":
+        previous = h.copy()
+        h[:] = momentum * h + rate * g
+        step = (1 + momentum) * h - momentum * previous
+    elif kind == "AdaGrad":
+        h += g ** 2
+        step = rate * g / (np.sqrt(h) + delta)
+    elif kind == "RMSProp":
+        h[:] = rms_decay * h + (1 - rms_decay) * g ** 2
+        step = rate * g / (np.sqrt(h) + delta)
+    elif kind == "AdaDelta":
+        h[:] = momentum * h + (1 - momentum) * g ** 2
+        update = g * np.sqrt((h2 + delta) / (h + delta))
+        h2[:] = momentum * h2 + (1 - momentum) * update ** 2
+        step = rate * update
+    else:                                                      # Adam
+        h[:] = momentum * h + (1 - momentum) * g
+        h2[:] = momentum2 * h2 + (1 - momentum2) * g ** 2
+        correction = np.sqrt(1 - momentum2 ** (t + 1)) / (1 - momentum ** (t + 1))
+        step = rate * correction * h / (np.sqrt(h2) + delta)
+    return w - step
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"])
+def test_solver_types_follow_caffes_update_rules(kind, tmp_path):
+    momentum = 0 if kind in ("AdaGrad", "RMSProp") else 0.9
+    text = f"""net_param {{ {net_text(4)} }} type: "{kind}" base_lr: 0.1 lr_policy: "fixed" max_iter: 10
+    momentum: {momentum} weight_decay: 0.01 momentum2: 0.999 rms_decay: 0.98 delta: 1e-8 random_seed: 5
+    snapshot_prefix: "{tmp_path}/s" """
+    solver = SGDSolver(parse_text(text, caffe_pb2.SolverParameter()), dtype=np.float64)
+    params = solver.net.learnable_params
+    assert len(solver.history) == (2 if kind in ("AdaDelta", "Adam") else 1) * len(params)
+    hist = [[np.zeros_like(b.data), np.zeros_like(b.data)] for b in params]
+    lr_mult, decay_mult = [1, 2], [1, 0]                          # fc's weight and bias in net_text
+    for t in range(4):
+        w = [b.data.copy() for b in params]
+        solver.forward_backward()
+        g = [b.diff + F32(0.01) * d * x for b, d, x in zip(params, decay_mult, w)]
+        solver.apply_update()
+        solver.iter += 1
+        for k, b in enumerate(params):
+            expected = caffe_step(kind, w[k], g[k], hist[k], F32(0.1) * lr_mult[k], t, momentum=F32(momentum),
+                                  momentum2=F32(0.999), rms_decay=F32(0.98), delta=F32(1e-8))
+            np.testing.assert_allclose(b.data, expected, rtol=1e-12, atol=1e-15)
+    weights, state = solver.snapshot()                          # all histories travel in the .solverstate
+    again = SGDSolver(parse_text(text, caffe_pb2.SolverParameter()), dtype=np.float64)
+    again.restore(state)
+    for a, b in zip(again.history, solver.history):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('type: "AdaGrad" momentum: 0.9', "momentum cannot be used with AdaGrad"),
+    ('type: "RMSProp" rms_decay: 1', r"rms_decay should lie in \[0, 1\)"),
+    ('type: "Adamax"', "unknown solver type 'Adamax'; known: SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam"),
+])
+def test_solver_type_settings_are_checked(extra, message):
+    with pytest.raises(VggcaffeError, match=message):
+        SGDSolver(parse_text(solver_text(extra), caffe_pb2.SolverParameter()))

@@ -114,8 +114,8 @@ def restore_state(solver, path):
     except DecodeError as e:
         raise VggcaffeError(f"{path}: not a SolverState file: {e}") from None
     if len(state.history) != len(solver.history):
-        raise VggcaffeError(f"{path}: holds {len(state.history)} history blobs but the net has "
-                            f"{len(solver.history)} learnable params (wrong net?)")
+        raise VggcaffeError(f"{path}: holds {len(state.history)} history blobs but this {solver.kind} solver "
+                            f"keeps {len(solver.history)} for its net (wrong net or solver type?)")
     learned = Path(state.learned_net)
     if not learned.exists() and (path.parent / learned.name).exists():
         learned = path.parent / learned.name

@@ -4,6 +4,9 @@ Per iteration: zero param diffs; iter_size x forward/backward (gradients add
 up); clip by global L2 norm; then per learnable param: diff /= iter_size,
 diff += weight_decay * decay_mult * data (L2; sign(data) for L1),
 history = momentum * history + lr * lr_mult * diff, data -= history.
+The solver `type` may also be one of Caffe's others (Nesterov, AdaGrad,
+RMSProp, AdaDelta, Adam: vggcaffe/update_rules.py); the fused GPU update
+serves SGD, the others run as elementwise CuPy there.
 Tests, display lines, snapshots and Ctrl-C handling follow Caffe's Solver.
 """
 import math
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, cpu
+from . import backend, cpu, update_rules
 from .errors import VggcaffeError
 from .log import log, progress
 from .net import Net
@@ -72,8 +75,7 @@ class Plateau:
 
 def _check_settings(p):
     """Raise on solver settings that would otherwise fail only later in training."""
-    if p.type not in ("SGD", ""):
-        raise VggcaffeError(f"solver type '{p.type}' is not supported; vggcaffe implements SGD")
+    update_rules.check(p)
     if p.lr_policy not in LR_POLICIES:
         raise VggcaffeError(f"unknown lr_policy '{p.lr_policy}'; known: {', '.join(LR_POLICIES)}")
     if p.lr_policy == "step" and p.stepsize <= 0:
@@ -124,11 +126,14 @@ class SGDSolver:
         if comm:
             comm.setup(self)
         xp = backend.array_module(self.net.learnable_params[0].data) if self.net.learnable_params else np
-        self.history = [xp.zeros_like(b.data) for b in self.net.learnable_params]
+        self.kind = update_rules.check(p)
+        self.history = [xp.zeros_like(b.data) for _ in range(update_rules.HISTORIES[self.kind])
+                        for b in self.net.learnable_params]
         self._gpu_update = None
         if backend.gpu_mode():
             from .gpu import setup_solver
-            self._gpu_update = setup_solver(self)
+            fused = setup_solver(self)
+            self._gpu_update = fused if self.kind == "SGD" else None
         else:
             for net in [self.net] + self.test_nets:
                 cpu.prepare_net(net)
@@ -196,22 +201,25 @@ class SGDSolver:
                              max(1, p.iter_size), p.regularization_type == "L1")
             return
         xp = backend.array_module(params[0].data) if params else np
+        n = len(params)
+        histories = [self.history[i::n] for i in range(n)]        # each param's history arrays
         # Cache-sized pieces of every param, shared out over the cores by size (whole
         # params would leave a core idle: VGG's last convolutions hold most of the weights).
         pieces = [(arrays, rate * lr_mult, p.weight_decay * decay_mult)
-                  for blob, hist, lr_mult, decay_mult in zip(params, self.history, self.net.lr_mults,
+                  for blob, hist, lr_mult, decay_mult in zip(params, histories, self.net.lr_mults,
                                                              self.net.decay_mults)
-                  for arrays in _pieces(xp, blob.data, blob.diff, hist)]
+                  for arrays in _pieces(xp, blob.data, blob.diff, *hist)]
+        rule = update_rules.RULES[self.kind]
 
         def update(i0, i1):
-            for (data, diff, hist), piece_rate, decay in pieces[i0:i1]:
-                self._update_piece(xp, data, diff, hist, piece_rate, decay)
+            for (data, diff, *hist), piece_rate, decay in pieces[i0:i1]:
+                self._update_piece(xp, rule, data, diff, hist, piece_rate, decay)
         over_items(xp, update, [arrays[0].size for arrays, _, _ in pieces])
 
-    def _update_piece(self, xp, data, diff, hist, rate, decay):
-        """Caffe's SGD step on (a piece of) one param: diff = diff / iter_size + decay·(data,
-        or sign(data) for L1); history = momentum·history + rate·diff; data -= history.
-        With a scratch temporary of the thread."""
+    def _update_piece(self, xp, rule, data, diff, hist, rate, decay):
+        """Caffe's step on (a piece of) one param: diff = diff / iter_size + decay·(data, or
+        sign(data) for L1); then the type's rule (SGD: history = momentum·history +
+        rate·diff) gives the step, and data -= step. With a scratch temporary of the thread."""
         p = self.param
         tmp = scratch(xp, "update", data.shape, data.dtype)
         if p.iter_size > 1:
@@ -219,10 +227,7 @@ class SGDSolver:
         if decay:
             xp.multiply(data if p.regularization_type == "L2" else xp.sign(data, out=tmp), decay, out=tmp)
             diff += tmp
-        hist *= p.momentum
-        xp.multiply(diff, rate, out=tmp)
-        hist += tmp
-        data -= hist
+        data -= rule(xp, diff, hist, rate, p, self.iter, tmp)
 
     def step(self, iters):
         """Run `iters` iterations (tests, display and snapshots as configured); as in Caffe,
