@@ -32,6 +32,9 @@ def __getattr__(name):
     if name == "SGDSolver":
         from .solver import SGDSolver
         return SGDSolver
+    if name == "io":                # pycaffe's caffe.io (Transformer, load_image, ...)
+        import importlib
+        return importlib.import_module(".io", __name__)
     if name == "Layer":             # the base of Python layers (pycaffe's caffe.Layer)
         from .layers.python import PythonLayerBase
         return PythonLayerBase
