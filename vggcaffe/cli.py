@@ -112,6 +112,11 @@ def cmd_compute_pca(args):
     print(format_pca(eigval, eigvec))
 
 
+def cmd_draw_net(args):
+    from .draw import draw_net
+    print(f"Drawing net to {draw_net(args.model, args.output, args.rankdir, args.phase)}")
+
+
 def cmd_convert_imageset(args):
     from .data.db import convert_imageset
     from .log import log
@@ -287,6 +292,14 @@ def build_parser():
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
     _common(p)
     p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("draw_net", help="Caffe's draw_net: the net as a Graphviz graph (.dot, or an image "
+                                         "rendered by Graphviz's dot)")
+    p.add_argument("model", help="net prototxt")
+    p.add_argument("output", type=argtypes.output_path, help="OUTPUT.dot, or .png/.svg/.pdf (needs Graphviz)")
+    p.add_argument("--rankdir", default="LR", choices=["LR", "TB", "BT", "RL"], help="direction of the graph")
+    p.add_argument("--phase", default="ALL", choices=["TRAIN", "TEST", "ALL"], help="the layers of one phase")
+    p.set_defaults(func=cmd_draw_net)
 
     p = sub.add_parser("convert_imageset", help="Caffe's tool: the images of a listing into an LMDB of "
                                                  "Datums (for the Data layer)")
