@@ -28,3 +28,18 @@ def test_time_prints_caffe_table(capsys):
     for line in ("Average time per layer:", "conv1_1\tforward:", "conv1_1\tbackward:", "Average Forward pass:",
                  "Average Backward pass:", "Average Forward-Backward:", "Total Time:", "img/s (batch 2)"):
         assert line in out, line
+
+
+def test_data_layers_without_crop_size_are_timed_at_their_sources_size(tmp_path, capsys):
+    from vggcaffe.proto import caffe_pb2
+    from vggcaffe.prototxt import parse_text
+    np.savez(tmp_path / "set.npz", x_train=np.zeros((2, 20, 24, 3), np.uint8), y_train=np.zeros(2, np.int64))
+    text = (f'layer {{ name: "d" type: "NpzData" top: "data" top: "label" '
+            f'npz_data_param {{ source: "{tmp_path / "set.npz"}" batch_size: 5 }} }}\n'
+            'layer { name: "m" type: "MemoryData" top: "m" top: "ml" '
+            'memory_data_param { batch_size: 4 channels: 2 height: 3 width: 5 } }\n'
+            'layer { name: "gone" type: "NpzData" top: "g" top: "gl" npz_data_param { source: "/nowhere.npz" } }')
+    param = synthetic_net(parse_text(text, caffe_pb2.NetParameter()), crop=16)
+    shapes = [[list(s.dim) for s in lp.input_param.shape] for lp in param.layer]
+    assert shapes == [[[5, 3, 20, 24], [5]], [[4, 2, 3, 5], [4]], [[1, 3, 16, 16], [1]]]
+    assert "data layer 'gone' has no crop_size and its source cannot be read" in capsys.readouterr().out

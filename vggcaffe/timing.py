@@ -4,8 +4,8 @@ Runs forward and backward --iterations times and prints Caffe's table: the
 average forward and backward time of every layer, the average forward,
 backward and forward-backward pass, the total, and images per second. Data
 layers are replaced by Input layers of the same tops (batch x 3 x crop x crop
-images, integer labels) filled once with random values, so the figures are
-compute alone. One untimed forward-backward first builds the cuDNN graphs.
+images, or the source's size where the layer does not crop; integer labels)
+filled once with random values, so the figures are compute alone. One untimed forward-backward first builds the cuDNN graphs.
 On the GPU every layer is timed with CUDA events on the device's clock.
 """
 import time
@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from . import backend, cpu
+from .errors import VggcaffeError
 from .log import log
 from .net import Net
 from .proto import caffe_pb2
@@ -33,17 +34,37 @@ def synthetic_net(model, batch=None, crop=224):
         new.CopyFrom(layer)
         if layer.type in DATA_LAYERS:
             n = batch or getattr(layer, DATA_LAYERS[layer.type]).batch_size or 1
-            size = layer.transform_param.crop_size or crop
+            image = _image_shape(layer, crop)
             for field in ("transform_param", DATA_LAYERS[layer.type]):
                 new.ClearField(field)
             new.type = "Input"
-            shapes = [[n, 3, size, size]] + [[n]] * (len(layer.top) - 1)
+            shapes = [[n, *image]] + [[n]] * (len(layer.top) - 1)
             for dims in shapes:
                 new.input_param.shape.add().dim.extend(dims)
         elif layer.type == "Input" and batch:
             for shape in new.input_param.shape:
                 shape.dim[0] = batch
     return out
+
+
+def _image_shape(layer, crop):
+    """(C, H, W) of a data layer's images: crop x crop when it crops; else what its source
+    holds after its transform (read from the source), or crop x crop where that cannot be read."""
+    from .data.transforms import Transformer
+    from .layers import LAYER_TYPES
+    if layer.transform_param.crop_size:
+        size = layer.transform_param.crop_size
+        return 3, size, size
+    if layer.type == "MemoryData":
+        p = layer.memory_data_param
+        return p.channels, p.height, p.width
+    try:
+        source = LAYER_TYPES[layer.type](layer, phase="TRAIN").open_source()
+        return Transformer(layer.transform_param, "TRAIN", layer.name).output_shape(*source.first_shape())
+    except VggcaffeError as e:
+        log(f"data layer '{layer.name}' has no crop_size and its source cannot be read ({e}); "
+            f"timing {crop}x{crop} images")
+        return 3, crop, crop
 
 
 def fill_inputs(net, seed=0):
