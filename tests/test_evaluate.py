@@ -171,8 +171,8 @@ def test_cli_dense_multi_crop_combine_fuse(setup, capsys):
 def test_cli_without_new_flags_keeps_iterations_scoring(setup, capsys):
     _, model_path, weights, _, _ = setup
     assert main(["test", "--model", str(model_path), "--weights", str(weights[0]), "--iterations", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "accuracy = " in out and "] Loss: " in out                    # caffe test's summary lines
+    log = capsys.readouterr().err
+    assert "accuracy = " in log and "] Loss: " in log                    # caffe test's summary lines
 
 
 def test_infer_model_from_sidecar_or_solver(tmp_path, monkeypatch):

@@ -268,10 +268,10 @@ def test_every_element_of_an_output_blob_gets_its_own_numbered_line(capsys):
     batches = [X[0:2], X[2:4]]
     expected = np.mean([b.sum(axis=1).repeat(2) for b in batches], axis=0)      # weights all 1, bias 0
     np.testing.assert_allclose([v for _, v in results[1:]], expected)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "Test net output #4: side = " in out and "Test net output #5" not in out
     solver.step(1)
-    assert "Train net output #4: side = " in capsys.readouterr().out
+    assert "Train net output #4: side = " in capsys.readouterr().err
 
 
 def test_step_smooths_the_loss_over_its_own_iterations_and_apply_update_takes_the_current_rate():
@@ -308,7 +308,7 @@ def test_snapshot_settings_are_checked_before_training(tmp_path, extra, message)
 def test_a_solver_built_without_prefix_trains_and_writes_nothing(tmp_path, capsys):
     os.chdir(tmp_path)
     solver = SGDSolver(parse_text(solver_text(""), caffe_pb2.SolverParameter()))
-    assert "no snapshot will be written" in capsys.readouterr().out
+    assert "no snapshot will be written" in capsys.readouterr().err
     assert solver.solve() and not list(tmp_path.iterdir())
 
 

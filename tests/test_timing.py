@@ -24,7 +24,7 @@ def test_synthetic_net_replaces_data_layers_with_inputs():
 
 def test_time_prints_caffe_table(capsys):
     assert main(["time", "--model", SMALL_A, "--iterations", "1", "--batch", "2"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err                      # logged, as Caffe's time logs it
     for line in ("Average time per layer:", "conv1_1\tforward:", "conv1_1\tbackward:", "Average Forward pass:",
                  "Average Backward pass:", "Average Forward-Backward:", "Total Time:", "img/s (batch 2)"):
         assert line in out, line
@@ -42,4 +42,4 @@ def test_data_layers_without_crop_size_are_timed_at_their_sources_size(tmp_path,
     param = synthetic_net(parse_text(text, caffe_pb2.NetParameter()), crop=16)
     shapes = [[list(s.dim) for s in lp.input_param.shape] for lp in param.layer]
     assert shapes == [[[5, 3, 20, 24], [5]], [[4, 2, 3, 5], [4]], [[1, 3, 16, 16], [1]]]
-    assert "data layer 'gone' has no crop_size and its source cannot be read" in capsys.readouterr().out
+    assert "data layer 'gone' has no crop_size and its source cannot be read" in capsys.readouterr().err

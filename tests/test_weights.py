@@ -160,7 +160,7 @@ def test_weights_of_another_net_are_refused_and_missing_layers_named(tmp_path, c
     net = tiny(1)
     np.savez(tmp_path / "part.npz", **{"conv1/0": net.params["conv1"][0].data, "conv1/1": net.params["conv1"][1].data})
     tiny(2).copy_from(tmp_path / "part.npz")
-    assert "has no weights for layer(s) fc: they keep their initialisation" in capsys.readouterr().out
+    assert "has no weights for layer(s) fc: they keep their initialisation" in capsys.readouterr().err
 
 
 def test_writing_into_a_missing_folder_is_a_one_line_error(tmp_path):

@@ -1,7 +1,9 @@
 """Training logs in Caffe's glog line format, so parse_log-style tools keep working.
 
-Lines look like `I1122 16:01:02.123456  4242 solver.py] Iteration 100, loss = 0.5`;
-on a terminal a tqdm progress bar runs beneath them.
+Lines look like `I1122 16:01:02.123456  4242 solver.py] Iteration 100, loss = 0.5`
+and go to stderr, as Caffe's (glog) and Python's logging do, so results printed
+on stdout (tables, summaries) stay apart: `2>&1 | tee train.log` keeps both, as
+with Caffe. On a terminal a tqdm progress bar runs beneath the lines.
 """
 import os
 import sys
@@ -16,8 +18,8 @@ def log(message, root=True):
         return
     now = datetime.now()
     prefix = f"I{now:%m%d %H:%M:%S}.{now.microsecond:06d} {os.getpid():6d} solver.py]"
-    tqdm.write(f"{prefix} {message}", file=sys.stdout)
-    sys.stdout.flush()
+    tqdm.write(f"{prefix} {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def progress(total, root=True):
