@@ -1,5 +1,5 @@
-"""pycaffe's caffe.io: Transformer's preprocess/deprocess against the steps written out, load_image,
-resize_image and the 10-view oversample."""
+"""pycaffe's caffe.io and caffe.Classifier: Transformer's preprocess/deprocess against the steps written out,
+load_image, resize_image, the 10-view oversample, and Classifier.predict recomputed from them."""
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +56,27 @@ def test_load_image_resize_and_oversample(tmp_path):
     with pytest.raises(VggcaffeError, match="smaller than the crop"):
         vggcaffe.io.oversample([im], (7, 4))
     assert Path(vggcaffe.io.__file__).name == "io.py"
+
+
+def test_classifier_predicts_the_mean_of_the_ten_views_or_the_centre_crop(tmp_path):
+    from vggcaffe.net import Net
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text('input: "data" input_shape { dim: 1 dim: 3 dim: 4 dim: 4 }\n'
+                      'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+                      'inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }\n'
+                      'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
+    Net(str(deploy), seed=1).save(tmp_path / "w.npz")
+    mean = np.array([0.1, 0.2, 0.3])
+    clf = vggcaffe.Classifier(str(deploy), str(tmp_path / "w.npz"), image_dims=(6, 6), mean=mean, raw_scale=2,
+                              channel_swap=(2, 1, 0))
+    images = [np.random.default_rng(i).random((9, 7, 3)).astype(np.float32) for i in range(2)]
+    net = Net(str(deploy), "TEST", weights=str(tmp_path / "w.npz"))
+
+    def posteriors(view):                                   # the Transformer's steps, written out
+        x = view.transpose(2, 0, 1)[[2, 1, 0]] * 2 - mean[:, None, None]
+        return net.forward(data=x[None].astype(np.float32))["prob"][0].copy()
+    resized = [vggcaffe.io.resize_image(im, (6, 6)) for im in images]
+    ten = [np.mean([posteriors(v) for v in vggcaffe.io.oversample([r], (4, 4))], axis=0) for r in resized]
+    np.testing.assert_allclose(clf.predict(images), ten, rtol=1e-5)
+    centre = [posteriors(r[1:5, 1:5]) for r in resized]
+    np.testing.assert_allclose(clf.predict(images, oversample=False), centre, rtol=1e-5)

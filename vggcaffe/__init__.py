@@ -32,6 +32,9 @@ def __getattr__(name):
     if name == "SGDSolver":
         from .solver import SGDSolver
         return SGDSolver
+    if name == "Classifier":        # pycaffe's caffe.Classifier
+        from .classifier import Classifier
+        return Classifier
     if name == "io":                # pycaffe's caffe.io (Transformer, load_image, ...)
         import importlib
         return importlib.import_module(".io", __name__)
