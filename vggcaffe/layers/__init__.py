@@ -14,3 +14,4 @@ from . import accuracy  # noqa: F401,E402
 from . import data  # noqa: F401,E402
 from . import class_select  # noqa: F401,E402
 from . import python  # noqa: F401,E402
+from . import hdf5_data  # noqa: F401,E402
