@@ -21,6 +21,7 @@ SMALL_A = "models/small/A_train_val.prototxt"
     (["convert", "--fully-conv", SMALL_A, "w.npz", "-o", "/nonexistent_dir/x"], "folder /nonexistent_dir"),
     (["compute_pca", "data/imagenette_32.npz", "--limit", "-5"], "--limit: must be at least 0"),
     (["train", "--solver", "s.prototxt", "--gpu", "-1"], "-gpu: must be at least 0"),
+    (["train", "--solver", "s.prototxt", "-gpu", "all"], "start one rank per GPU: mpirun -np N vggcaffe train"),
 ])
 def test_bad_numbers_and_paths_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

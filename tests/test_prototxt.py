@@ -119,6 +119,17 @@ def test_caffes_other_layer_parameters_parse_and_stop_at_the_layer_type(tmp_path
         Net(str(path))
 
 
+def test_upgrade_net_proto_text_writes_the_current_format(tmp_path):
+    from vggcaffe.cli import main
+    (tmp_path / "old.prototxt").write_text('name: "old" input: "data" input_dim: 1 input_dim: 3 input_dim: 4 '
+                                           'input_dim: 4 layers { name: "r" type: RELU bottom: "data" top: "data" }')
+    assert main(["upgrade_net_proto_text", str(tmp_path / "old.prototxt"), str(tmp_path / "new.prototxt")]) == 0
+    new = parse_text((tmp_path / "new.prototxt").read_text(), caffe_pb2.NetParameter())
+    assert not new.layers and not new.input and [(lp.name, lp.type) for lp in new.layer] == [
+        ("input", "Input"), ("r", "ReLU")]
+    assert list(new.layer[0].input_param.shape[0].dim) == [1, 3, 4, 4]
+
+
 def test_v1_layers_keep_the_parameters_of_every_caffe_layer(tmp_path):
     path = tmp_path / "v1.prototxt"
     path.write_text('layers { name: "cat" type: CONCAT bottom: "a" bottom: "b" top: "c" concat_param { axis: 2 } }\n'

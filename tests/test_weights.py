@@ -63,6 +63,15 @@ def test_v1_caffemodel_with_legacy_4d_shapes(tmp_path):
     for name in ("conv1", "fc"):
         for a, b in zip(net.params[name], other.params[name]):
             np.testing.assert_array_equal(a.data, b.data)
+    from vggcaffe.cli import main                                   # Caffe's upgrade_net_proto_binary
+    assert main(["upgrade_net_proto_binary", str(tmp_path / "v1.caffemodel"), str(tmp_path / "v2.caffemodel")]) == 0
+    upgraded = caffe_pb2.NetParameter()
+    upgraded.ParseFromString((tmp_path / "v2.caffemodel").read_bytes())
+    assert not upgraded.layers and [(lp.name, lp.type) for lp in upgraded.layer] == [
+        ("conv1", "Convolution"), ("fc", "InnerProduct"), ("not_in_net", "InnerProduct")]
+    third = tiny(3)
+    third.copy_from(tmp_path / "v2.caffemodel")
+    np.testing.assert_array_equal(third.params["fc"][0].data, net.params["fc"][0].data)
 
 
 def test_shape_mismatch_names_layer_and_both_shapes(tmp_path):

@@ -1,6 +1,6 @@
 """argparse types for the command line: a bad number or path stops the parse with one
 line naming the flag, before any work (counts, positive numbers, fractions, comma-
-separated image sizes, output paths in a folder that exists)."""
+separated image sizes, output paths in a folder that exists, GPU numbers)."""
 import argparse
 from pathlib import Path
 
@@ -55,3 +55,13 @@ def output_path(text):
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
     return text
+
+
+def gpu(text):
+    """argparse type: a GPU number; Caffe's `-gpu all` (several GPUs in one process) is
+    refused with how vggcaffe does it (one MPI rank per GPU)."""
+    if text.strip().lower() == "all" or "," in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: one process drives one GPU here; for several, start one "
+                                         f"rank per GPU: mpirun -np N vggcaffe train --solver S --gpu 0 "
+                                         f"(rank r takes GPU r)")
+    return count(0)(text)

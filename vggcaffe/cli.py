@@ -112,6 +112,18 @@ def cmd_compute_pca(args):
     print(format_pca(eigval, eigvec))
 
 
+def cmd_upgrade_net_proto_text(args):
+    from .prototxt import read_net, write_text
+    write_text(read_net(args.input), args.output)
+    print(f"Wrote upgraded NetParameter text proto to {args.output}")
+
+
+def cmd_upgrade_net_proto_binary(args):
+    from .weights import upgrade_binary
+    upgrade_binary(args.input, args.output)
+    print(f"Wrote upgraded NetParameter binary proto to {args.output}")
+
+
 def cmd_draw_net(args):
     from .draw import draw_net
     print(f"Drawing net to {draw_net(args.model, args.output, args.rankdir, args.phase)}")
@@ -162,7 +174,7 @@ def _stages(args):
 
 
 def _common(p):
-    p.add_argument("--gpu", "-gpu", type=argtypes.count(0), default=None, help="run on this GPU (default: CPU)")
+    p.add_argument("--gpu", "-gpu", type=argtypes.gpu, default=None, help="run on this GPU (default: CPU)")
     p.add_argument("--level", "-level", type=int, default=0, help="net state level")
     p.add_argument("--stage", "-stage", default="", help="comma-separated net state stages")
 
@@ -292,6 +304,14 @@ def build_parser():
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
     _common(p)
     p.set_defaults(func=cmd_localize)
+
+    for kind in ("text", "binary"):
+        p = sub.add_parser(f"upgrade_net_proto_{kind}", help=f"Caffe's tool: an old-format {kind} net "
+                           f"({'prototxt' if kind == 'text' else '.caffemodel'}: V1 layers, input_dim, ...) "
+                           f"rewritten in the current format")
+        p.add_argument("input")
+        p.add_argument("output", type=argtypes.output_path)
+        p.set_defaults(func=cmd_upgrade_net_proto_text if kind == "text" else cmd_upgrade_net_proto_binary)
 
     p = sub.add_parser("draw_net", help="Caffe's draw_net: the net as a Graphviz graph (.dot, or an image "
                                          "rendered by Graphviz's dot)")

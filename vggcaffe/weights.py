@@ -155,6 +155,21 @@ def read_weights(path):
     return out
 
 
+def upgrade_binary(source, output):
+    """Caffe's upgrade_net_proto_binary: a .caffemodel (V1 `layers`, legacy fields) rewritten
+    in the current format (V2 `layer`, blobs with shapes left as they are)."""
+    path = Path(source)
+    param = caffe_pb2.NetParameter()
+    try:
+        param.ParseFromString(path.read_bytes())
+    except OSError as e:
+        raise VggcaffeError(f"{path}: cannot read ({e.strerror or e})") from None
+    except DecodeError as e:
+        raise VggcaffeError(f"{path}: not a binary NetParameter (.caffemodel): {e}") from None
+    data = upgrade_net(param).SerializeToString()
+    _atomic_write(output, lambda f: f.write(data))
+
+
 def load_weights(net, path):
     """Copy weights into `net` by layer name (Caffe's CopyTrainedLayersFrom). A file that
     fills none of the net's layers is an error (the wrong file); layers it leaves out keep
