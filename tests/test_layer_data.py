@@ -160,9 +160,12 @@ def test_dummy_data_fills_constant_tops_once_and_random_ones_every_forward():
     legacy = 'name: "d" type: "DummyData" top: "a" dummy_data_param { num: 2 channels: 1 height: 3 width: 4 }'
     _, _, top = make_layer(legacy, [], n_tops=1)
     assert top[0].shape == (2, 1, 3, 4) and not top[0].data.any()
-    with pytest.raises(VggcaffeError, match=r"\(DummyData\) gives 1 shapes for 2 tops"):
-        make_layer('name: "d" type: "DummyData" top: "a" top: "b" dummy_data_param { shape { dim: 1 } }', [],
-                   n_tops=2)
+    _, _, top = make_layer('name: "d" type: "DummyData" top: "a" top: "b" dummy_data_param { shape { dim: 2 } }',
+                           [], n_tops=2)
+    assert top[0].shape == top[1].shape == (2,)                      # one shape serves every top, as in Caffe
+    with pytest.raises(VggcaffeError, match=r"\(DummyData\) gives 2 shapes for 3 tops"):
+        make_layer('name: "d" type: "DummyData" top: "a" top: "b" top: "c" '
+                   'dummy_data_param { shape { dim: 1 } shape { dim: 1 } }', [], n_tops=3)
 
 
 def test_memory_data_serves_the_arrays_set_on_the_net_in_batches():
@@ -174,7 +177,7 @@ def test_memory_data_serves_the_arrays_set_on_the_net_in_batches():
     with pytest.raises(VggcaffeError, match="call net.set_input_arrays first"):
         net.forward()
     data = np.arange(4 * 4, dtype=np.float32).reshape(4, 1, 2, 2)
-    net.set_input_arrays(data, np.array([0, 1, 2, 3], np.float32))
+    net.set_input_arrays(data, np.array([0, 1, 2, 3], np.float32).reshape(4, 1, 1, 1))   # pycaffe's label shape
     for start in (0, 2, 0):                                            # wraps around
         out = net.forward()
         np.testing.assert_array_equal(out["data"], data[start:start + 2])
@@ -183,3 +186,26 @@ def test_memory_data_serves_the_arrays_set_on_the_net_in_batches():
         net.set_input_arrays(data[:3], np.zeros(3))
     with pytest.raises(VggcaffeError, match=r"the layer takes \(N, 1, 2, 2\)"):
         net.set_input_arrays(np.zeros((2, 3, 2, 2)), np.zeros(2))
+
+
+def test_encoded_keeps_file_bytes_grey_stays_grey_and_bad_images_are_skipped(tmp_path, images, capsys):
+    root, listing, arrays, _ = images
+    rows = records(convert(tmp_path, images, "same", "--encoded"))            # no resize: the PNG files' bytes
+    assert all(d.encoded and d.data == (root / key.split("_", 1)[1]).read_bytes() for key, d in rows)
+    grey = records(convert(tmp_path, images, "grey", "--encoded", "--gray"))
+    assert datum_to_image(grey[0][1]).shape == (H, W, 1)                      # Caffe decodes natively
+    assert datum_to_image(grey[0][1], color=True).shape == (H, W, 3)
+    listing.write_text(listing.read_text().replace("im2.png", "missing.png"))
+    rows = records(convert(tmp_path, images, "skip"))
+    assert [key[:8] for key, _ in rows] == ["00000000", "00000001", "00000003", "00000004"]   # Caffe's line ids
+    assert "Warning: skipped: image file not found" in capsys.readouterr().err
+
+
+def test_a_database_made_anew_at_a_path_is_read_anew(tmp_path, images):
+    import shutil
+    db = convert(tmp_path, images, "db")
+    assert len(LmdbSource(db, None, "d")) == 5
+    shutil.rmtree(db)
+    images[1].write_text("im0.png 0\nim1.png 1\n")
+    convert(tmp_path, images, "db")
+    assert len(LmdbSource(db, None, "d")) == 2

@@ -270,11 +270,12 @@ def test_a_negative_input_dimension_is_an_error():
 def test_pycaffe_names_forward_all_and_get_solver(tmp_path):
     import vggcaffe
     net = build(HEAD + ip("a", "x", "a") + ip("b", "x", "b"), phase="TEST")
-    assert net.top_names["a"] == ["a"] and net.bottom_names["a"] == ["x_x_0_split_0"]
-    assert net.bottom_names["x_x_0_split"] == ["x"]
+    assert net.top_names["a"] == ["a"] and net.bottom_names["a"] == ["x"]        # blobs' names, as net.blobs
+    assert "x_x_0_split" not in net.top_names and all(t in net.blobs for ts in net.top_names.values() for t in ts)
+    assert list(net.forward(end="x_x_0_split", x=np.zeros((3, 4)), t=np.zeros((3, 2)))) == ["x"]
     x = np.random.default_rng(0).standard_normal((7, 4))                  # 7 samples, batches of 3
     out = net.forward_all(x=x, t=np.zeros((7, 2)))
-    assert out["a"].shape == (7, 2)
+    assert out["a"].shape == (7, 2) and net.blobs["x"].shape == (3, 4)  # the last batch padded, as pycaffe
     for i in range(7):
         np.testing.assert_allclose(out["a"][i], net.forward(x=x[i:i + 1], t=np.zeros((1, 2)))["a"][0])
     (tmp_path / "s.prototxt").write_text(f'net_param {{ {HEAD} {ip("a", "x", "a")} {euclid("l", "a", "t")} }} '

@@ -254,6 +254,10 @@ def test_train_state_test_state_and_the_nets_own_state_choose_layers_as_in_caffe
     assert has(s.net) and has(s.test_nets[0])
     with pytest.raises(VggcaffeError, match="2 test_state values for 1 test nets"):
         staged_solver('test_state { stage: "val" } test_state { }')
+    text = f"""net_param {{ {net_text(4)} {STAGED} }} base_lr: 0.1 lr_policy: "fixed" max_iter: 1
+    test_iter: 1 test_interval: 100 snapshot_after_train: false"""
+    s = SGDSolver(parse_text(text, caffe_pb2.SolverParameter()), stages=["val"])    # `caffe train -stage val`
+    assert has(s.net) and not has(s.test_nets[0])                                   # the train net's only
 
 
 def test_every_element_of_an_output_blob_gets_its_own_numbered_line(capsys):
@@ -423,3 +427,14 @@ def test_solver_types_follow_caffes_update_rules(kind, tmp_path):
 def test_solver_type_settings_are_checked(extra, message):
     with pytest.raises(VggcaffeError, match=message):
         SGDSolver(parse_text(solver_text(extra), caffe_pb2.SolverParameter()))
+
+
+def test_a_folder_prefix_names_snapshots_the_same_before_and_after_the_folder_exists(tmp_path):
+    from vggcaffe.prototxt import read_solver
+    path = tmp_path / "my_solver.prototxt"
+    path.write_text(solver_text(f'snapshot_prefix: "{tmp_path / "out"}/"'))
+    before = read_solver(path).snapshot_prefix
+    SGDSolver(str(path))                                   # the probe makes no folder
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    assert read_solver(path).snapshot_prefix == before == str(tmp_path / "out" / "my_solver")

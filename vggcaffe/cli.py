@@ -135,7 +135,7 @@ def cmd_convert_imageset(args):
     if args.backend != "lmdb":
         raise VggcaffeError("convert_imageset writes LMDB only (--backend lmdb); LevelDB has no maintained "
                             "Python binding")
-    encode_type = (args.encode_type or "jpg") if args.encoded else ""
+    encode_type = (args.encode_type or "same") if args.encoded else ""
     convert_imageset(args.root_folder, args.listfile, args.db_name, args.resize_height, args.resize_width,
                      args.shuffle, args.gray, encode_type, log=log)
 
@@ -332,7 +332,8 @@ def build_parser():
     p.add_argument("--gray", "-gray", action="store_true", help="store greyscale images")
     p.add_argument("--encoded", "-encoded", action="store_true", help="store the images encoded (smaller)")
     p.add_argument("--encode_type", "-encode_type", choices=["jpg", "png"], default="",
-                   help="with --encoded: jpg (default) or png")
+                   help="with --encoded: jpg or png (default: each file's own type, its bytes kept "
+                        "where no resize or grey conversion is asked)")
     p.add_argument("--backend", "-backend", default="lmdb", help="lmdb (the only one written)")
     p.set_defaults(func=cmd_convert_imageset)
 
@@ -352,6 +353,8 @@ def build_parser():
 
 
 def main(argv=None):
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)    # results and stderr's log lines stay in order
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -109,8 +109,9 @@ class Net:
         split_tops = {name for lp in split_param.layer if lp.type == "Split" for name in lp.top}
         self.blobs = OrderedDict((k, b) for k, b in self._all_blobs.items() if k not in split_tops)
         self.outputs = sorted(name for name in available_blobs(split_param) if name in self.blobs)
-        self._top_names = [list(lp.top) for lp in split_param.layer]
-        self._bottom_names = [list(lp.bottom) for lp in split_param.layer]
+        origin = {t: lp.bottom[0] for lp in split_param.layer if lp.type == "Split" for t in lp.top}
+        self._top_names = [list(dict.fromkeys(origin.get(t, t) for t in lp.top)) for lp in split_param.layer]
+        self._bottom_names = [[origin.get(b, b) for b in lp.bottom] for lp in split_param.layer]
         self._setup_params(split_param)
         self._setup_backward(split_param)
 
@@ -358,13 +359,16 @@ class Net:
 
     @property
     def top_names(self):
-        """pycaffe's: {layer name: its top blob names}, hidden Split layers included."""
-        return OrderedDict(zip(self._layer_names, self._top_names))
+        """pycaffe's: {layer name: its top blob names} (names of net.blobs; the hidden Split
+        layers, whose tops are copies of one blob, are left out)."""
+        return OrderedDict((n, t) for n, t, lay in zip(self._layer_names, self._top_names, self.layers)
+                           if lay.type != "Split")
 
     @property
     def bottom_names(self):
-        """pycaffe's: {layer name: its bottom blob names} (a Split's tops where one was inserted)."""
-        return OrderedDict(zip(self._layer_names, self._bottom_names))
+        """pycaffe's: {layer name: its bottom blob names} (names of net.blobs, Splits left out)."""
+        return OrderedDict((n, b) for n, b, lay in zip(self._layer_names, self._bottom_names, self.layers)
+                           if lay.type != "Split")
 
     def forward_all(self, blobs=None, **inputs):
         """pycaffe's: forward over inputs of any number of samples, in batches of the input
@@ -379,9 +383,14 @@ class Net:
             raise VggcaffeError(f"'{first}' is not a net input; inputs are {self.inputs}")
         batch, outs = self.blobs[first].shape[0], {}
         for start in range(0, n, batch):
-            part = self.forward(blobs, **{k: v[start:start + batch] for k, v in inputs.items()})
+            chunk = {k: np.asarray(backend.to_numpy(v[start:start + batch])) for k, v in inputs.items()}
+            valid = len(chunk[first])
+            if valid < batch:                    # the last batch zero-padded, as pycaffe does
+                chunk = {k: np.concatenate([v, np.zeros((batch - valid,) + v.shape[1:], v.dtype)])
+                         for k, v in chunk.items()}
+            part = self.forward(blobs, **chunk)
             for name, value in part.items():
-                outs.setdefault(name, []).append(backend.to_numpy(value).copy())
+                outs.setdefault(name, []).append(backend.to_numpy(value)[:valid].copy())
         return {name: np.concatenate(parts) for name, parts in outs.items()}
 
     def set_input_arrays(self, data, labels, layer=None):

@@ -70,13 +70,15 @@ def read_net(path):
 def read_solver(path):
     """A solver file, upgraded as Caffe's ReadSolverParamsFromTextFileOrDie does: the old
     solver_type enum, and a snapshot_prefix that is missing (the solver file's path without
-    its extension) or an existing folder (that folder / the solver file's stem)."""
+    its extension) or a folder (that folder / the solver file's stem; a folder is a prefix
+    ending in "/", or one that exists, so the names do not change once it is made)."""
     solver, _ = read_text(path, caffe_pb2.SolverParameter())
     path = Path(path)
+    prefix = solver.snapshot_prefix
     if not solver.HasField("snapshot_prefix"):
         solver.snapshot_prefix = str(path.with_suffix(""))
-    elif Path(solver.snapshot_prefix).is_dir():
-        solver.snapshot_prefix = str(Path(solver.snapshot_prefix) / path.stem)
+    elif prefix.endswith("/") or Path(prefix).is_dir():
+        solver.snapshot_prefix = str(Path(prefix) / path.stem)
     return upgrade_solver(solver)
 
 

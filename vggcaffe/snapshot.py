@@ -31,14 +31,17 @@ def check_snapshot_settings(p, probe=True):
             raise VggcaffeError(f"solver snapshots every {p.snapshot} iterations but has no snapshot_prefix")
         return False
     if probe:
-        folder = _prefix(p).parent
+        folder = _prefix(p).parent                 # made at the first snapshot: probe its nearest existing one
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            if not folder.is_dir():
+                raise NotADirectoryError(20, "not a folder", str(folder))
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as e:
             raise VggcaffeError(f"cannot write to snapshot_prefix '{p.snapshot_prefix}' ({e.strerror}: "
-                                f"{e.filename or folder}); make sure that folder exists and is writable") from None
+                                f"{e.filename or folder}); make sure that folder is writable") from None
     return True
 
 

@@ -119,7 +119,7 @@ class SGDSolver:
         self.test_nets = []
         if rank == 0:
             for i, src in enumerate(test_sources):
-                state = _with_cli_state(p.test_state[i] if p.test_state else caffe_pb2.NetState(), level, stages)
+                state = p.test_state[i] if p.test_state else caffe_pb2.NetState()
                 net = Net(src, phase="TEST", dtype=dtype, seed=seed, state=state)
                 net.share_with(self.net)
                 self.test_nets.append(net)
@@ -383,8 +383,8 @@ class SGDSolver:
 
 
 def _with_cli_state(state, level, stages):
-    """A solver's train_state / test_state with the command line's --level and --stage
-    merged in (as `caffe train -level -stage` does)."""
+    """A solver's train_state with the command line's --level and --stage merged in (as
+    `caffe train -level -stage` does; test nets keep their test_state, as in Caffe)."""
     out = caffe_pb2.NetState()
     out.CopyFrom(state)
     if level:

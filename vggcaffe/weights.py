@@ -77,6 +77,18 @@ def _shapes_match(target, source, legacy):
     return False
 
 
+def _umask():
+    """The process's umask, read without setting it (no window where other threads' files
+    would get mode 0666), from /proc where there is one."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename."""
     path = Path(path)
@@ -84,10 +96,8 @@ def _atomic_write(path, write):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise VggcaffeError(f"cannot write {path}: {e.strerror} ({path.parent})") from None
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)            # mkstemp's 0600 -> what open() would give
+        os.fchmod(fd, 0o666 & ~_umask())          # mkstemp's 0600 -> what open() would give
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -33,21 +33,26 @@ def _lmdb():
     return lmdb
 
 
-_READERS = {}       # resolved path -> the read-only Environment (lmdb opens each once per process)
+_READERS = {}       # resolved path -> (data.mdb's inode, the read-only Environment): lmdb opens a path once
 
 
 def open_db(path, who, write=False, map_size=1 << 40):
     """An lmdb Environment on `path` (a folder holding data.mdb); errors start with `who`.
     Read-only ones are shared by every reader of the path in this process."""
     path = Path(path)
-    if not write and path.resolve() in _READERS:
-        return _READERS[path.resolve()]
     if not write:
         if (path / "CURRENT").exists() and not (path / "data.mdb").exists():
             raise VggcaffeError(f"{who}: {path} is a LevelDB database, which vggcaffe does not read; "
                                 f"write an LMDB with `vggcaffe convert_imageset --backend lmdb`")
         if not (path / "data.mdb").exists():
             raise VggcaffeError(f"{who}: {path} is not an LMDB database (no data.mdb in it)")
+        inode = (path / "data.mdb").stat().st_ino
+        cached = _READERS.pop(path.resolve(), None)
+        if cached is not None:
+            if cached[0] == inode:
+                _READERS[path.resolve()] = cached
+                return cached[1]
+            cached[1].close()                    # the database was made anew at this path
     lmdb = _lmdb()
     try:
         env = lmdb.open(str(path), readonly=not write, lock=write, readahead=False, map_size=map_size,
@@ -55,16 +60,19 @@ def open_db(path, who, write=False, map_size=1 << 40):
     except lmdb.Error as e:
         raise VggcaffeError(f"{who}: cannot open LMDB {path}: {e}") from None
     if not write:
-        _READERS[path.resolve()] = env
+        _READERS[path.resolve()] = (inode, env)
     return env
 
 
-def datum_to_image(datum, is_color=True, where=""):
-    """A Datum's sample as (H, W, C): uint8 RGB pixels, or float32 for float_data."""
+def datum_to_image(datum, color=None, where=""):
+    """A Datum's sample as (H, W, C): uint8 pixels (RGB, or grey), or float32 for float_data.
+    Encoded images keep their own channels (grey stays grey, as Caffe decodes them natively)
+    unless `color` is True (3) or False (1)."""
     if datum.encoded:
         try:
             with Image.open(io.BytesIO(datum.data)) as im:
-                im = im.convert("RGB" if is_color else "L")
+                grey = im.mode in ("1", "L", "LA", "I", "I;16", "F") if color is None else not color
+                im = im.convert("L" if grey else "RGB")
                 a = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, UnidentifiedImageError) as e:
             raise VggcaffeError(f"cannot decode the encoded image of {where}: {e}") from None
@@ -81,13 +89,17 @@ def datum_to_image(datum, is_color=True, where=""):
     return image[:, :, ::-1] if c == 3 and values.dtype == np.uint8 else image
 
 
+ENCODINGS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
+
+
 def image_to_datum(image, label, encode_type=""):
-    """A Datum of an (H, W, C) uint8 RGB image: raw BGR C x H x W, or encoded as jpg/png."""
+    """A Datum of an (H, W, C) uint8 RGB image: raw BGR C x H x W, or encoded as jpg (at
+    OpenCV's default quality, 95) or png."""
     h, w, c = image.shape
     datum = caffe_pb2.Datum(channels=c, height=h, width=w, label=int(label))
     if encode_type:
         buffer = io.BytesIO()
-        Image.fromarray(image if c == 3 else image[:, :, 0]).save(buffer, {"jpg": "JPEG", "png": "PNG"}[encode_type])
+        Image.fromarray(image if c == 3 else image[:, :, 0]).save(buffer, ENCODINGS[encode_type], quality=95)
         datum.data, datum.encoded = buffer.getvalue(), True
     else:
         datum.data = np.ascontiguousarray((image[:, :, ::-1] if c == 3 else image).transpose(2, 0, 1)).tobytes()
@@ -107,8 +119,8 @@ class _Labels:
 class LmdbSource:
     """The records of an LMDB in key order, decoded on demand (the Data layer's source)."""
 
-    def __init__(self, path, is_color, layer):
-        self.path, self.is_color, self.who = str(path), is_color, f"layer '{layer}'"
+    def __init__(self, path, color, layer):
+        self.path, self.color, self.who = str(path), color, f"layer '{layer}'"
         self.env = open_db(path, self.who)
         with self.env.begin() as txn:
             self.keys = list(txn.cursor().iternext(keys=True, values=False))
@@ -136,7 +148,7 @@ class LmdbSource:
 
     def get(self, indices, map_fn=map):
         pairs = list(zip(self.datums(indices), self.names(indices)))
-        return list(map_fn(lambda p: datum_to_image(p[0], self.is_color, p[1]), pairs))
+        return list(map_fn(lambda p: datum_to_image(p[0], self.color, p[1]), pairs))
 
     def names(self, indices):
         return [f"{self.path}[{self.keys[i].decode(errors='replace')}]" for i in indices]
@@ -145,7 +157,10 @@ class LmdbSource:
 def convert_imageset(root, listing, db_path, resize_height=0, resize_width=0, shuffle=False, gray=False,
                      encode_type="", seed=0, log=print):
     """Caffe's convert_imageset: the images of a listing ("path label" lines) into a new
-    LMDB, keys "%08d_<path>" in listing order (or a shuffled order), optionally resized."""
+    LMDB, keys "%08d_<path>" (the position in the listing's, or a shuffled, order),
+    optionally resized. With encode_type (jpg, png, or "same": the file's own type) an
+    image that needs no resize or grey conversion is stored as its file's bytes, as
+    Caffe does; images that cannot be read are skipped with a warning, as in Caffe."""
     if bool(resize_height) != bool(resize_width):
         raise VggcaffeError("give both --resize_height and --resize_width, or neither")
     if Path(db_path).exists():
@@ -154,26 +169,40 @@ def convert_imageset(root, listing, db_path, resize_height=0, resize_width=0, sh
     order = np.random.default_rng(seed).permutation(len(names)) if shuffle else np.arange(len(names))
     env = open_db(db_path, "convert_imageset", write=True)
     txn = env.begin(write=True)
-    for count, i in enumerate(order, 1):
-        image = load_image(os.path.join(root, names[i]), not gray, listing, lines[i])
+    count = 0
+    for position, i in enumerate(order):
+        path = os.path.join(root, names[i])
+        try:
+            image = load_image(path, not gray, listing, lines[i])
+        except VggcaffeError as e:
+            log(f"Warning: skipped: {e}")
+            continue
+        kind = Path(path).suffix.lower().lstrip(".")
+        same = encode_type == "same" or ENCODINGS.get(encode_type) == ENCODINGS.get(kind)
         if resize_height:
             image = resize(image, resize_height, resize_width)
-        key = f"{count - 1:08d}_{names[i]}".encode()
-        txn.put(key, image_to_datum(image, labels[i], encode_type).SerializeToString())
+        if encode_type and same and kind in ENCODINGS and not resize_height and not gray:
+            h, w, c = image.shape
+            datum = caffe_pb2.Datum(channels=c, height=h, width=w, label=int(labels[i]), encoded=True,
+                                    data=Path(path).read_bytes())
+        else:
+            datum = image_to_datum(image, labels[i], "jpg" if encode_type == "same" else encode_type)
+        txn.put(f"{position:08d}_{names[i]}".encode(), datum.SerializeToString())
+        count += 1
         if count % 1000 == 0:
             txn.commit()
             txn = env.begin(write=True)
             log(f"Processed {count} files.")
     txn.commit()
     env.close()
-    log(f"Processed {len(order)} files.")
-    return len(order)
+    log(f"Processed {count} files.")
+    return count
 
 
 def compute_image_mean(db_path, output=None, log=print):
     """Caffe's compute_image_mean: the mean image of an LMDB's records as a BlobProto
     (1, C, H, W) in the pipeline's RGB order, written to `output` when given; returns it."""
-    source = LmdbSource(db_path, True, "compute_image_mean")
+    source = LmdbSource(db_path, None, "compute_image_mean")
     total, shape = None, None
     for start in range(0, len(source), 256):
         for image, name in zip(source.get(range(start, min(start + 256, len(source)))),

@@ -176,8 +176,7 @@ class Data(BaseDataLayer):
         p = self.param.data_param
         if not p.source:
             raise VggcaffeError(f"layer '{self.name}' (Data): data_param.source is not set")
-        t = self.param.transform_param
-        return LmdbSource(p.source, not t.force_gray, self.name)
+        return LmdbSource(p.source, None, self.name)      # native channels; force_color/gray transform them
 
 
 @register("ImageData", "IMAGE_DATA")

@@ -48,6 +48,8 @@ class DummyDataLayer(Layer):
     def layer_setup(self, bottom, top):
         p = self.param.dummy_data_param
         shapes = [tuple(s.dim) for s in p.shape] or self._legacy_shapes(p, len(top))
+        if len(shapes) == 1:
+            shapes = shapes * len(top)                           # one shape for every top, as Caffe allows
         if len(shapes) != len(top):
             raise VggcaffeError(f"layer '{self.name}' (DummyData) gives {len(shapes)} shapes for {len(top)} tops")
         fillers = list(p.data_filler) or [caffe_pb2.FillerParameter(type="constant", value=0)]
@@ -98,6 +100,8 @@ class MemoryDataLayer(Layer):
     def set_arrays(self, data, labels):
         """pycaffe's set_input_arrays: data (N, C, H, W), labels (N,), N a multiple of batch_size."""
         data, labels = np.asarray(data), np.asarray(labels)
+        if labels.ndim > 1 and labels.size == len(labels):
+            labels = labels.reshape(len(labels))                 # pycaffe's (N, 1, 1, 1) labels
         if data.shape[1:] != self.shape[1:] or labels.shape != data.shape[:1]:
             raise VggcaffeError(f"layer '{self.name}' (MemoryData): arrays of shape {data.shape} and labels "
                                 f"{labels.shape}; the layer takes (N, {', '.join(map(str, self.shape[1:]))}) and (N,)")
