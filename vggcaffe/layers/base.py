@@ -119,6 +119,10 @@ class Layer:
         else:
             self.deferred_check = (bad.any(), message)
 
+    def error(self, message):
+        """The error of a user mistake in this layer: "layer '<name>' (<type>): message"."""
+        return VggcaffeError(f"layer '{self.name}' ({self.type}): {message}")
+
     def shape_error(self, blob_name, expected, got):
         return VggcaffeError(
             f"layer '{self.name}' ({self.type}): blob '{blob_name}' has shape {tuple(got)}, expected {tuple(expected)}")

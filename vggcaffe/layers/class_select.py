@@ -10,7 +10,6 @@ bottom[0]'s diff (zero outside the selected groups); the labels get none.
 import numpy as np
 
 from ..backend import array_module
-from ..errors import VggcaffeError
 from .base import Layer, register
 
 
@@ -22,7 +21,7 @@ class ClassSelectLayer(Layer):
     def layer_setup(self, bottom, top):
         self.group = self.param.class_select_param.group_size
         if self.group < 1:
-            raise VggcaffeError(f"layer '{self.name}' (ClassSelect): group_size must be at least 1")
+            raise self.error("group_size must be at least 1")
 
     def allow_force_backward(self, bottom_index):
         return bottom_index == 0
@@ -30,7 +29,7 @@ class ClassSelectLayer(Layer):
     def reshape(self, bottom, top):
         n, per_sample = bottom[0].shape[0], bottom[0].count // max(1, bottom[0].shape[0])
         if per_sample % self.group:
-            raise VggcaffeError(f"layer '{self.name}' (ClassSelect): {per_sample} values per sample are not "
+            raise self.error(f"{per_sample} values per sample are not "
                                 f"whole groups of group_size {self.group}")
         if bottom[1].count != n:
             raise self.shape_error("labels", (n,), bottom[1].shape)

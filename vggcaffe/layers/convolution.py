@@ -51,7 +51,6 @@ import numpy as np
 
 from ..backend import array_module
 from ..blob import Blob, is_channels_last
-from ..errors import VggcaffeError
 from ..fillers import fill
 from ..threads import over_blocks, scratch
 from .base import Layer, add_sums, register
@@ -123,9 +122,6 @@ class ConvolutionLayer(NHWCConvolution, Layer):
             raise self.error(f"{name} has {len(repeated)} values; a 2-D convolution takes 1 or 2")
         values = list(repeated) or [default]
         return values[0], values[-1]
-
-    def error(self, message):
-        return VggcaffeError(f"layer '{self.name}' (Convolution): {message}")
 
     def reshape(self, bottom, top):
         n, c, h, w = bottom[0].shape

@@ -66,7 +66,7 @@ class BaseDataLayer(Layer):
         self._state = None
         self.batch_size, self.shuffle, self.rand_skip = self.batch_param()
         if self.batch_size < 1:
-            raise VggcaffeError(f"layer '{self.name}' ({self.type}): batch_size must be at least 1")
+            raise self.error("batch_size must be at least 1")
         self.source = self.open_source()
         self.transformer = Transformer(self.param.transform_param, self.phase, self.name, self.dtype)
         if self._order_seed is None:
@@ -175,7 +175,7 @@ class Data(BaseDataLayer):
         from ..data.db import LmdbSource
         p = self.param.data_param
         if not p.source:
-            raise VggcaffeError(f"layer '{self.name}' (Data): data_param.source is not set")
+            raise self.error("data_param.source is not set")
         return LmdbSource(p.source, None, self.name)      # native channels; force_color/gray transform them
 
 
@@ -192,7 +192,7 @@ class ImageData(BaseDataLayer):
     def open_source(self):
         p = self.param.image_data_param
         if not p.source:
-            raise VggcaffeError(f"layer '{self.name}' (ImageData): image_data_param.source is not set")
+            raise self.error("image_data_param.source is not set")
         t = self.param.transform_param
         color = (p.is_color or t.force_color) and not t.force_gray
         return ListingSource(p.source, p.root_folder, color, p.new_height, p.new_width, self.name)
@@ -209,5 +209,5 @@ class NpzData(BaseDataLayer):
     def open_source(self):
         p = self.param.npz_data_param
         if not p.source:
-            raise VggcaffeError(f"layer '{self.name}' (NpzData): npz_data_param.source is not set")
+            raise self.error("npz_data_param.source is not set")
         return NpzSource(p.source, p.split, p.limit, self.name)

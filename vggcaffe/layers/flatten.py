@@ -5,7 +5,6 @@ Forward copies the data reshaped; backward copies the diff reshaped back.
 """
 import numpy as np
 
-from ..errors import VggcaffeError
 from .base import Layer, register
 
 
@@ -13,9 +12,6 @@ from .base import Layer, register
 class FlattenLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
-
-    def error(self, message):
-        return VggcaffeError(f"layer '{self.name}' (Flatten): {message}")
 
     def layer_setup(self, bottom, top):
         if top[0] is bottom[0]:

@@ -39,15 +39,15 @@ class HDF5DataLayer(Layer):
         p = self.param.hdf5_data_param
         self.batch, self.shuffle = p.batch_size, p.shuffle
         if self.batch < 1:
-            raise VggcaffeError(f"layer '{self.name}' (HDF5Data): batch_size must be at least 1")
+            raise self.error("batch_size must be at least 1")
         try:
             with open(p.source) as f:
                 self.files = [line.strip() for line in f if line.strip()]
         except OSError as e:
-            raise VggcaffeError(f"layer '{self.name}' (HDF5Data): cannot read the file list {p.source!r} "
+            raise self.error(f"cannot read the file list {p.source!r} "
                                 f"({e.strerror or e})") from None
         if not self.files:
-            raise VggcaffeError(f"layer '{self.name}' (HDF5Data): {p.source} lists no HDF5 files")
+            raise self.error(f"{p.source} lists no HDF5 files")
         self.tops = list(self.param.top)
         self.rank, self.size = 0, 1
         self.position = {"pass": 0, "file": 0, "row": 0}
@@ -63,14 +63,14 @@ class HDF5DataLayer(Layer):
             with h5py.File(path, "r") as f:
                 missing = [t for t in self.tops if t not in f]
                 if missing:
-                    raise VggcaffeError(f"layer '{self.name}' (HDF5Data): {path} has no dataset "
+                    raise self.error(f"{path} has no dataset "
                                         f"{', '.join(map(repr, missing))}; it holds {', '.join(sorted(f))}")
                 arrays = [np.asarray(f[t], dtype=self.dtype) for t in self.tops]
         except OSError as e:
-            raise VggcaffeError(f"layer '{self.name}' (HDF5Data): cannot read HDF5 file {path} ({e})") from None
+            raise self.error(f"cannot read HDF5 file {path} ({e})") from None
         rows = {len(a) if a.ndim else 0 for a in arrays}
         if len(rows) != 1 or 0 in rows:
-            raise VggcaffeError(f"layer '{self.name}' (HDF5Data): the datasets of {path} have row counts "
+            raise self.error(f"the datasets of {path} have row counts "
                                 f"{[len(a) if a.ndim else 0 for a in arrays]}; they need one, above 0")
         return arrays
 
@@ -109,7 +109,7 @@ class HDF5DataLayer(Layer):
         for k, blob in enumerate(top):
             batch = np.concatenate([part[k] for part in parts])[self.rank::self.size]
             if batch.shape[1:] != blob.shape[1:]:
-                raise VggcaffeError(f"layer '{self.name}' (HDF5Data): dataset '{self.tops[k]}' has rows of shape "
+                raise self.error(f"dataset '{self.tops[k]}' has rows of shape "
                                     f"{batch.shape[1:]} in {self._loaded[0]}, but {blob.shape[1:]} in the first file")
             blob.data[...] = array_module(blob.data).asarray(batch)
 
@@ -118,5 +118,5 @@ class HDF5DataLayer(Layer):
 
     def set_state(self, state):
         if not {"pass", "file", "row"} <= set(state) or not 0 <= int(state["file"]) < len(self.files):
-            raise VggcaffeError(f"layer '{self.name}' (HDF5Data): cannot resume from data state {state}")
+            raise self.error(f"cannot resume from data state {state}")
         self.position = {k: int(state[k]) for k in ("pass", "file", "row")}

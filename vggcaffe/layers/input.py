@@ -29,7 +29,7 @@ class InputLayer(Layer):
         for i, blob in enumerate(top):
             dims = tuple(shapes[0 if len(shapes) == 1 else i].dim)
             if any(d < 0 for d in dims):
-                raise VggcaffeError(f"layer '{self.name}' (Input): shape {dims} of top '{self.param.top[i]}' "
+                raise self.error(f"shape {dims} of top '{self.param.top[i]}' "
                                     f"has a negative dimension")
             blob.reshape(dims)
 
@@ -59,7 +59,7 @@ class DummyDataLayer(Layer):
         self.fillers = [fillers[0 if len(fillers) == 1 else i] for i in range(len(top))]
         for blob, shape, filler in zip(top, shapes, self.fillers):
             if any(d < 0 for d in shape):
-                raise VggcaffeError(f"layer '{self.name}' (DummyData): shape {shape} has a negative dimension")
+                raise self.error(f"shape {shape} has a negative dimension")
             blob.reshape(shape)
             fill(blob, filler, self.rng)
 
@@ -68,7 +68,7 @@ class DummyDataLayer(Layer):
         if not any(fields):
             return []
         if any(len(f) not in (1, n) for f in fields):
-            raise VggcaffeError(f"layer '{self.name}' (DummyData): num, channels, height and width need "
+            raise self.error(f"num, channels, height and width need "
                                 f"1 or {n} values each")
         return [tuple(f[0 if len(f) == 1 else i] for f in fields) for i in range(n)]
 
@@ -90,7 +90,7 @@ class MemoryDataLayer(Layer):
         p = self.param.memory_data_param
         self.batch = p.batch_size
         if self.batch < 1:
-            raise VggcaffeError(f"layer '{self.name}' (MemoryData): batch_size must be at least 1")
+            raise self.error("batch_size must be at least 1")
         self.shape = (self.batch, p.channels, p.height, p.width)
         self.data = self.labels = None
         self.position = 0
@@ -103,10 +103,10 @@ class MemoryDataLayer(Layer):
         if labels.ndim > 1 and labels.size == len(labels):
             labels = labels.reshape(len(labels))                 # pycaffe's (N, 1, 1, 1) labels
         if data.shape[1:] != self.shape[1:] or labels.shape != data.shape[:1]:
-            raise VggcaffeError(f"layer '{self.name}' (MemoryData): arrays of shape {data.shape} and labels "
+            raise self.error(f"arrays of shape {data.shape} and labels "
                                 f"{labels.shape}; the layer takes (N, {', '.join(map(str, self.shape[1:]))}) and (N,)")
         if len(data) == 0 or len(data) % self.batch:
-            raise VggcaffeError(f"layer '{self.name}' (MemoryData): {len(data)} samples is not a positive "
+            raise self.error(f"{len(data)} samples is not a positive "
                                 f"multiple of batch_size {self.batch}")
         self.data, self.labels, self.position = data, labels, 0
 

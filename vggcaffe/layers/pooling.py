@@ -13,7 +13,6 @@ follows y's layout, and `channels_last` (set by vggcaffe.cpu.prepare_net) makes 
 import numpy as np
 
 from ..backend import array_module
-from ..errors import VggcaffeError
 from ..proto import caffe_pb2
 from ..threads import over_blocks
 from .base import Layer, register
@@ -72,9 +71,6 @@ class PoolingLayer(Layer):
         if both == "kernel_size" and not (p.HasField(both) or p.HasField(h)):
             raise self.error("kernel_size (or kernel_h and kernel_w) is required")
         return (getattr(p, h), getattr(p, w)) if p.HasField(h) else (getattr(p, both),) * 2
-
-    def error(self, message):
-        return VggcaffeError(f"layer '{self.name}' (Pooling): {message}")
 
     def reshape(self, bottom, top):
         if len(bottom[0].shape) != 4:

@@ -18,7 +18,6 @@ from `vggcaffe.Layer` (PythonLayerBase), as pycaffe code derives from caffe.Laye
 """
 import importlib
 
-from ..errors import VggcaffeError
 from .base import Layer, register
 
 
@@ -45,14 +44,14 @@ class PythonLayer(Layer):
     def layer_setup(self, bottom, top):
         p = self.param.python_param
         if not p.module or not p.layer:
-            raise VggcaffeError(f"layer '{self.name}' (Python): python_param needs module and layer")
+            raise self.error("python_param needs module and layer")
         try:
             module = importlib.import_module(p.module)
         except ImportError as e:
-            raise VggcaffeError(f"layer '{self.name}' (Python): cannot import module '{p.module}' ({e})") from None
+            raise self.error(f"cannot import module '{p.module}' ({e})") from None
         cls = getattr(module, p.layer, None)
         if cls is None:
-            raise VggcaffeError(f"layer '{self.name}' (Python): module '{p.module}' has no class '{p.layer}'")
+            raise self.error(f"module '{p.module}' has no class '{p.layer}'")
         self.impl = cls()
         self.impl.param_str, self.impl.phase = p.param_str, self.phase
         self.impl.layer_param, self.impl.rng, self.impl.name = self.param, self.rng, self.name
