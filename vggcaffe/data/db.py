@@ -205,8 +205,8 @@ def compute_image_mean(db_path, output=None, log=print):
     source = LmdbSource(db_path, None, "compute_image_mean")
     total, shape = None, None
     for start in range(0, len(source), 256):
-        for image, name in zip(source.get(range(start, min(start + 256, len(source)))),
-                               source.names(range(start, min(start + 256, len(source))))):
+        index = range(start, min(start + 256, len(source)))
+        for image, name in zip(source.get(index), source.names(index)):
             if shape is None:
                 shape, total = image.shape, np.zeros(image.shape, np.float64)
             elif image.shape != shape:

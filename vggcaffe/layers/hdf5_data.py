@@ -51,9 +51,8 @@ class HDF5DataLayer(Layer):
         self.tops = list(self.param.top)
         self.rank, self.size = 0, 1
         self.position = {"pass": 0, "file": 0, "row": 0}
-        self._loaded = (None, None)
-        first = self._arrays(self.files[0])
-        for blob, array in zip(top, first):
+        self._loaded = (self.files[0], self._arrays(self.files[0]))     # forward starts here without shuffle
+        for blob, array in zip(top, self._loaded[1]):
             blob.reshape((self.batch,) + array.shape[1:])
 
     def _arrays(self, path):
