@@ -185,8 +185,10 @@ def _evaluation_flags(p):
     p.add_argument("--multi-crop", action="store_true", help="grid x grid crops and their mirrors per scale")
     p.add_argument("--combine", action="store_true", help="also report dense + multi-crop (implies both)")
     p.add_argument("--flip", action="store_true", help="dense: average with the mirrored image's posteriors")
-    p.add_argument("--scales", type=argtypes.sizes, help="test scales Q, e.g. 256,384,512 (default: from the training scale S)")
-    p.add_argument("--grid", type=argtypes.count(1), default=5, help="multi-crop grid side (default 5: 50 crops per scale)")
+    p.add_argument("--scales", type=argtypes.sizes,
+                   help="test scales Q, e.g. 256,384,512 (default: from the training scale S)")
+    p.add_argument("--grid", type=argtypes.count(1), default=5,
+                   help="multi-crop grid side (default 5: 50 crops per scale)")
     p.add_argument("--fuse", default="", help="more models to fuse: MODEL:WEIGHTS,... (MODEL may be empty)")
     p.add_argument("--source", help=".npz (x_<split>, y_<split>) or image listing (default: the TEST data layer's)")
     p.add_argument("--split", default=None, help="npz split (default: the data layer's, else test)")
@@ -232,7 +234,8 @@ def build_parser():
     p = sub.add_parser("time", help="Caffe's benchmark: average forward/backward ms per layer, totals, img/s")
     p.add_argument("--model", "-model", required=True, help="net prototxt (data layers become synthetic inputs)")
     p.add_argument("--iterations", "-iterations", type=argtypes.count(1), default=50)
-    p.add_argument("--batch", type=argtypes.count(1), default=None, help="batch size (default: the data or Input layer's)")
+    p.add_argument("--batch", type=argtypes.count(1), default=None,
+                   help="batch size (default: the data or Input layer's)")
     p.add_argument("--phase", "-phase", default="TRAIN", choices=["TRAIN", "TEST"])
     _precision_flag(p)
     _common(p)
@@ -242,7 +245,8 @@ def build_parser():
     p.add_argument("--fully-conv", action="store_true", help="fc6 -> kxk conv (k = pool5's size), fc7/fc8 -> 1x1")
     p.add_argument("model", help="deploy or train_val prototxt")
     p.add_argument("weights", help="its weights (.npz or .caffemodel)")
-    p.add_argument("-o", "--output", type=argtypes.output_path, required=True, help="writes OUTPUT.prototxt and OUTPUT.npz (or .caffemodel)")
+    p.add_argument("-o", "--output", type=argtypes.output_path, required=True,
+                   help="writes OUTPUT.prototxt and OUTPUT.npz (or .caffemodel)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("init_from_a", help="the paper's pre-initialisation: net A's first conv and last fc "
@@ -261,7 +265,8 @@ def build_parser():
     p.add_argument("--model", "-model", help="train_val or deploy net (default: inferred from the weights)")
     p.add_argument("--source", required=True, help=".npz with x_train, y_train, x_test, y_test "
                    "(e.g. ../shared/data/transfer/caltech101_32.npz)")
-    p.add_argument("--scales", type=argtypes.sizes, help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
+    p.add_argument("--scales", type=argtypes.sizes,
+                   help="image scales Q, e.g. 32,48,64 (default: the model's test scales)")
     p.add_argument("--aggregate", choices=["stack", "average"], default="stack",
                    help="combine the scales' descriptors by stacking (default) or averaging")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not average in the mirrored image")
@@ -280,13 +285,16 @@ def build_parser():
     p.add_argument("--scr", action="store_true", help="single-class regression (4 outputs; default: per-class)")
     p.add_argument("--finetune", choices=["all", "fc"], default="all",
                    help="fine-tune all layers (default) or only the fully-connected ones")
-    p.add_argument("--scales", type=argtypes.sizes, help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
+    p.add_argument("--scales", type=argtypes.sizes,
+                   help="training scale S, or S_min,S_max to jitter (default: the classifier's)")
     p.add_argument("--batch", type=argtypes.count(1), default=32, help="training batch size (default 32)")
     p.add_argument("--max-iter", type=argtypes.count(1), default=1000, help="solver max_iter (default 1000)")
-    p.add_argument("--base-lr", type=argtypes.positive, default=0.001, help="solver base_lr (default 0.001, the paper's)")
+    p.add_argument("--base-lr", type=argtypes.positive, default=0.001,
+                   help="solver base_lr (default 0.001, the paper's)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="val")
-    p.add_argument("-o", "--output", type=argtypes.output_path, required=True, help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
+    p.add_argument("-o", "--output", type=argtypes.output_path, required=True,
+                   help="writes OUTPUT_train_val.prototxt and OUTPUT_solver.prototxt")
     p.set_defaults(func=cmd_localize_net)
 
     p = sub.add_parser("localize", help="appendix A: localisation error of a box regressor (central crop; "
@@ -298,7 +306,8 @@ def build_parser():
     p.add_argument("--source", help="box folder (default: the regressor's TEST data layer's)")
     p.add_argument("--split", default=None, help="split of the box folder (default: the TEST layer's, else val)")
     p.add_argument("--scales", type=argtypes.sizes, help="dense test scales Q (default: the training scale S)")
-    p.add_argument("--merge-iou", type=argtypes.fraction, default=0.5, help="greedy merging joins boxes overlapping this much")
+    p.add_argument("--merge-iou", type=argtypes.fraction, default=0.5,
+                   help="greedy merging joins boxes overlapping this much")
     p.add_argument("--fuse", default="", help="more regressors whose boxes join the merge: MODEL:WEIGHTS,...")
     p.add_argument("--min-inside", type=argtypes.fraction, default=0.75,
                    help="dense: leave out locations whose window lies less than this fraction inside the image")
