@@ -106,12 +106,12 @@ class Net:
                 self.inputs.extend(lp.top)
             self._set_loss_weights(lp, layer, top)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
-        split_tops = {name for lp in split_param.layer if lp.type == "Split" for name in lp.top}
-        self.blobs = OrderedDict((k, b) for k, b in self._all_blobs.items() if k not in split_tops)
+        # each hidden Split top -> the blob it copies (net.blobs leaves the copies out)
+        self._origin = {t: lp.bottom[0] for lp in split_param.layer if lp.type == "Split" for t in lp.top}
+        self.blobs = OrderedDict((k, b) for k, b in self._all_blobs.items() if k not in self._origin)
         self.outputs = sorted(name for name in available_blobs(split_param) if name in self.blobs)
-        origin = {t: lp.bottom[0] for lp in split_param.layer if lp.type == "Split" for t in lp.top}
-        self._top_names = [list(dict.fromkeys(origin.get(t, t) for t in lp.top)) for lp in split_param.layer]
-        self._bottom_names = [[origin.get(b, b) for b in lp.bottom] for lp in split_param.layer]
+        self._top_names = [list(dict.fromkeys(self._origin.get(t, t) for t in lp.top)) for lp in split_param.layer]
+        self._bottom_names = [[self._origin.get(b, b) for b in lp.bottom] for lp in split_param.layer]
         self._setup_params(split_param)
         self._setup_backward(split_param)
 
@@ -212,10 +212,8 @@ class Net:
                 if i < len(lp.propagate_down):
                     need = bool(lp.propagate_down[i])
                     if need and not layer.allow_force_backward(i):
-                        blob = next((s.bottom[0] for s in split_param.layer if s.type == "Split" and name in s.top),
-                                    name)
                         raise VggcaffeError(f"{self._where(lp.name)}: layer '{lp.name}' cannot backpropagate to "
-                                            f"its bottom '{blob}' (propagate_down)")
+                                            f"its bottom '{self._origin.get(name, name)}' (propagate_down)")
                 bneed.append(need)
             for name in lp.top:
                 blob_needs[name] = needs
