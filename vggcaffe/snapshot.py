@@ -20,8 +20,9 @@ from .weights import _atomic_write, blob_proto_pieces, blob_proto_to_array, load
 
 def check_snapshot_settings(p, probe=True):
     """Raise now, not at the first snapshot, when the solver cannot snapshot: HDF5 asked
-    for, a snapshot interval without snapshot_prefix, or (`probe`) a prefix whose folder
-    cannot be made or written (Caffe's CheckSnapshotWritePermissions). Returns whether
+    for, a snapshot interval without snapshot_prefix, or (`probe`) a prefix whose folder,
+    or the nearest existing folder above it, cannot be written (Caffe's
+    CheckSnapshotWritePermissions; the folder itself is made at the first snapshot). Returns whether
     the solver can snapshot (a solver file always has a prefix: see read_solver; a
     SolverParameter built in Python may have none, and then writes no snapshot)."""
     if p.HasField("snapshot_format") and p.snapshot_format == caffe_pb2.SolverParameter.HDF5:

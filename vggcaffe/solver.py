@@ -74,8 +74,9 @@ class Plateau:
 
 
 def _check_settings(p):
-    """Raise on solver settings that would otherwise fail only later in training."""
-    update_rules.check(p)
+    """Raise on solver settings that would otherwise fail only later in training; returns
+    the solver type."""
+    kind = update_rules.check(p)
     if p.lr_policy not in LR_POLICIES:
         raise VggcaffeError(f"unknown lr_policy '{p.lr_policy}'; known: {', '.join(LR_POLICIES)}")
     if p.lr_policy == "step" and p.stepsize <= 0:
@@ -85,6 +86,7 @@ def _check_settings(p):
     for field in ("snapshot", "display", "test_interval", "average_loss", "iter_size", "max_iter"):
         if getattr(p, field) < 0:
             raise VggcaffeError(f"{field} must not be negative, got {getattr(p, field)}")
+    return kind
 
 
 class SGDSolver:
@@ -95,7 +97,7 @@ class SGDSolver:
         self.param = read_solver(solver) if isinstance(solver, (str, Path)) else solver
         p = self.param
         try:
-            _check_settings(p)
+            self.kind = _check_settings(p)
         except VggcaffeError as e:
             raise VggcaffeError(f"{solver if isinstance(solver, (str, Path)) else source or 'solver'}: {e}") from None
         self.comm = comm
@@ -126,7 +128,6 @@ class SGDSolver:
         if comm:
             comm.setup(self)
         xp = backend.array_module(self.net.learnable_params[0].data) if self.net.learnable_params else np
-        self.kind = update_rules.check(p)
         self.history = [xp.zeros_like(b.data) for _ in range(update_rules.HISTORIES[self.kind])
                         for b in self.net.learnable_params]
         self._gpu_update = None
