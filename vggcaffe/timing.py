@@ -5,7 +5,8 @@ average forward and backward time of every layer, the average forward,
 backward and forward-backward pass, the total, and images per second. Data
 layers are replaced by Input layers of the same tops (batch x 3 x crop x crop
 images, or the source's size where the layer does not crop; integer labels)
-filled once with random values, so the figures are compute alone. One untimed forward-backward first builds the cuDNN graphs.
+filled once with random values, so the figures are compute alone. One untimed
+forward-backward first builds the cuDNN graphs.
 On the GPU every layer is timed with CUDA events on the device's clock.
 """
 import time

@@ -30,7 +30,7 @@ class ClassSelectLayer(Layer):
         n, per_sample = bottom[0].shape[0], bottom[0].count // max(1, bottom[0].shape[0])
         if per_sample % self.group:
             raise self.error(f"{per_sample} values per sample are not "
-                                f"whole groups of group_size {self.group}")
+                             f"whole groups of group_size {self.group}")
         if bottom[1].count != n:
             raise self.shape_error("labels", (n,), bottom[1].shape)
         self.classes = per_sample // self.group

@@ -45,7 +45,7 @@ class HDF5DataLayer(Layer):
                 self.files = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise self.error(f"cannot read the file list {p.source!r} "
-                                f"({e.strerror or e})") from None
+                             f"({e.strerror or e})") from None
         if not self.files:
             raise self.error(f"{p.source} lists no HDF5 files")
         self.tops = list(self.param.top)
@@ -63,14 +63,14 @@ class HDF5DataLayer(Layer):
                 missing = [t for t in self.tops if t not in f]
                 if missing:
                     raise self.error(f"{path} has no dataset "
-                                        f"{', '.join(map(repr, missing))}; it holds {', '.join(sorted(f))}")
+                                     f"{', '.join(map(repr, missing))}; it holds {', '.join(sorted(f))}")
                 arrays = [np.asarray(f[t], dtype=self.dtype) for t in self.tops]
         except OSError as e:
             raise self.error(f"cannot read HDF5 file {path} ({e})") from None
         rows = {len(a) if a.ndim else 0 for a in arrays}
         if len(rows) != 1 or 0 in rows:
             raise self.error(f"the datasets of {path} have row counts "
-                                f"{[len(a) if a.ndim else 0 for a in arrays]}; they need one, above 0")
+                             f"{[len(a) if a.ndim else 0 for a in arrays]}; they need one, above 0")
         return arrays
 
     def set_shard(self, rank, size):
@@ -109,7 +109,7 @@ class HDF5DataLayer(Layer):
             batch = np.concatenate([part[k] for part in parts])[self.rank::self.size]
             if batch.shape[1:] != blob.shape[1:]:
                 raise self.error(f"dataset '{self.tops[k]}' has rows of shape "
-                                    f"{batch.shape[1:]} in {self._loaded[0]}, but {blob.shape[1:]} in the first file")
+                                 f"{batch.shape[1:]} in {self._loaded[0]}, but {blob.shape[1:]} in the first file")
             blob.data[...] = array_module(blob.data).asarray(batch)
 
     def state(self):

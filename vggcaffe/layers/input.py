@@ -27,17 +27,21 @@ class InputLayer(Layer):
             raise VggcaffeError(f"layer '{self.name}' (Input) gives {len(shapes)} shapes for {len(top)} tops; "
                                 f"give 1 or {len(top)}")
         for i, blob in enumerate(top):
-            dims = tuple(shapes[0 if len(shapes) == 1 else i].dim)
-            if any(d < 0 for d in dims):
-                raise self.error(f"shape {dims} of top '{self.param.top[i]}' "
-                                    f"has a negative dimension")
-            blob.reshape(dims)
+            blob.reshape(_dims(self, shapes[0 if len(shapes) == 1 else i].dim, self.param.top[i]))
 
     def reshape(self, bottom, top):
         pass
 
     def forward(self, bottom, top):
         pass
+
+
+def _dims(layer, dims, top):
+    """A top's shape from a prototxt, refused with a negative dimension."""
+    dims = tuple(dims)
+    if any(d < 0 for d in dims):
+        raise layer.error(f"shape {dims} of top '{top}' has a negative dimension")
+    return dims
 
 
 @register("DummyData", "DUMMY_DATA")
@@ -57,10 +61,8 @@ class DummyDataLayer(Layer):
             raise VggcaffeError(f"layer '{self.name}' (DummyData) gives {len(fillers)} data_filler for "
                                 f"{len(top)} tops; give 1 or {len(top)}")
         self.fillers = [fillers[0 if len(fillers) == 1 else i] for i in range(len(top))]
-        for blob, shape, filler in zip(top, shapes, self.fillers):
-            if any(d < 0 for d in shape):
-                raise self.error(f"shape {shape} has a negative dimension")
-            blob.reshape(shape)
+        for blob, shape, name, filler in zip(top, shapes, self.param.top, self.fillers):
+            blob.reshape(_dims(self, shape, name))
             fill(blob, filler, self.rng)
 
     def _legacy_shapes(self, p, n):
@@ -68,8 +70,7 @@ class DummyDataLayer(Layer):
         if not any(fields):
             return []
         if any(len(f) not in (1, n) for f in fields):
-            raise self.error(f"num, channels, height and width need "
-                                f"1 or {n} values each")
+            raise self.error(f"num, channels, height and width need 1 or {n} values each")
         return [tuple(f[0 if len(f) == 1 else i] for f in fields) for i in range(n)]
 
     def reshape(self, bottom, top):
@@ -104,10 +105,9 @@ class MemoryDataLayer(Layer):
             labels = labels.reshape(len(labels))                 # pycaffe's (N, 1, 1, 1) labels
         if data.shape[1:] != self.shape[1:] or labels.shape != data.shape[:1]:
             raise self.error(f"arrays of shape {data.shape} and labels "
-                                f"{labels.shape}; the layer takes (N, {', '.join(map(str, self.shape[1:]))}) and (N,)")
+                             f"{labels.shape}; the layer takes (N, {', '.join(map(str, self.shape[1:]))}) and (N,)")
         if len(data) == 0 or len(data) % self.batch:
-            raise self.error(f"{len(data)} samples is not a positive "
-                                f"multiple of batch_size {self.batch}")
+            raise self.error(f"{len(data)} samples is not a positive multiple of batch_size {self.batch}")
         self.data, self.labels, self.position = data, labels, 0
 
     def reshape(self, bottom, top):
